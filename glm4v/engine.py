@@ -1,0 +1,209 @@
+"""The public API: load a model folder, then chat about an image.
+
+    pipe = glm4v.load(path, dtype="bfloat16", device="cpu")
+    pipe.chat([{"role": "user", "image": "photo.jpg", "content": "Describe it"}])
+
+A ``Pipeline`` owns the model, its tokenizer and image processor, and the image-feature cache:
+encoding a 1120x1120 image costs minutes on a CPU, so the features of recently seen images are kept
+(keyed by a hash of the pixels) and a follow-up question about the same picture never re-encodes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from glm4v.config import GLM4VConfig
+from glm4v.errors import CheckpointError, InputError
+from glm4v.generate import GenerationConfig, Sampler, TextStream, generate_steps
+from glm4v.image import ImageProcessor, image_digest, load_image
+from glm4v.model.glm4v import GLM4VForConditionalGeneration, RotaryBuffer
+from glm4v.model.language import rope_table
+from glm4v.tokenizer import GLM4Tokenizer, load_tokenizer
+from glm4v.weights import load_weights
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "embedded"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype, config: GLM4VConfig | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"dtype must be a floating point type, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        return _DTYPES.get(config.torch_dtype, torch.bfloat16) if config else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was requested but torch sees no CUDA GPU")
+    return device
+
+
+def read_generation_defaults(folder: Path) -> dict:
+    """Sampling defaults from generation_config.json (official keys), if the folder has one."""
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    keys = {"do_sample": bool, "temperature": (int, float), "top_p": (int, float), "top_k": int,
+            "repetition_penalty": (int, float), "max_new_tokens": int}
+    return {k: raw[k] for k, t in keys.items() if k in raw and isinstance(raw[k], t) and not (t is int and isinstance(raw[k], bool))}
+
+
+class Pipeline:
+    def __init__(self, model: GLM4VForConditionalGeneration, tokenizer: GLM4Tokenizer, path: Path | None = None,
+                 generation_defaults: dict | None = None, image_cache_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.path = path
+        self.image_processor = ImageProcessor(tokenizer.image_size)
+        self.generation_defaults = generation_defaults or {}
+        self.image_cache_size = image_cache_size
+        self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # -- images ---------------------------------------------------------------------------------
+    def image_features(self, image) -> tuple[torch.Tensor, str]:
+        """[1, P+2, D] features of one image, from the cache when the same pixels were seen before."""
+        picture = load_image(image)
+        key = image_digest(picture)
+        if key in self._image_cache:
+            self._image_cache.move_to_end(key)
+            return self._image_cache[key], key
+        with torch.inference_mode():
+            feats = self.model.encode_images(self.image_processor(picture))
+        if self.image_cache_size:
+            self._image_cache[key] = feats
+            while len(self._image_cache) > self.image_cache_size:
+                self._image_cache.popitem(last=False)
+        return feats, key
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 16,
+                 do_sample: bool = False, **gen) -> torch.LongTensor:
+        """New tokens [B, n] for a batch of prompts (left padded) in the official input format."""
+        config = GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample, **gen)
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        steps = [s.tokens for s in generate_steps(self.model, input_ids, pixel_values, attention_mask, config)]
+        return torch.tensor(steps, dtype=torch.long).T.reshape(input_ids.shape[0], len(steps))
+
+    def prepare_chat(self, conversation, add_generation_prompt: bool = True):
+        """Token ids [1, L] and image features (or None) for one conversation."""
+        ids, image = self.tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt)
+        features = self.image_features(image)[0] if image is not None else None
+        return torch.tensor([ids], dtype=torch.long), features
+
+    def stream_chat(self, conversation, max_new_tokens: int = 256, do_sample: bool = False, **gen) -> Iterator[str]:
+        """Yield the answer as text pieces (never a broken UTF-8 character)."""
+        stop_strings = gen.pop("stop_strings", None) or []
+        config = GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                              stop_strings=stop_strings, **gen)
+        input_ids, features = self.prepare_chat(conversation)
+        text = TextStream(self.tokenizer, config.stop_strings)
+        sampler = Sampler(config, self.device, input_ids[0].tolist())
+        for step in generate_steps(self.model, input_ids, config=config, image_features=features, samplers=[sampler]):
+            token = step.tokens[0]
+            if step.reasons[0] == "stop":
+                break
+            delta = text.push(token)
+            if delta:
+                yield delta
+            if text.stopped:
+                return
+        tail = text.finish()
+        if tail:
+            yield tail
+
+    def chat(self, conversation, max_new_tokens: int = 256, do_sample: bool = False, **gen) -> str:
+        return "".join(self.stream_chat(conversation, max_new_tokens=max_new_tokens, do_sample=do_sample, **gen))
+
+
+def load(path=None, dtype="float32", device="cpu", progress: bool = False) -> Pipeline:
+    """Load a GLM-4V folder in the official layout (config.json, safetensors shards, tokenizer files).
+
+    ``path=None`` loads the small model shipped inside the package.
+    """
+    folder = Path(path) if path is not None else EMBEDDED_MODEL
+    if not folder.exists():
+        if path is None:
+            raise CheckpointError(f"the embedded model is missing from the package ({folder}); reinstall glm4v")
+        raise CheckpointError(f"{folder}: no such model folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory (expected a GLM-4V model folder)")
+    config = GLM4VConfig.from_file(folder / "config.json")
+    tokenizer = load_tokenizer(folder)
+    check_tokenizer_matches(config, tokenizer, folder)
+    torch_dtype = resolve_dtype(dtype, config)
+    torch_device = resolve_device(device)
+
+    with torch.device("meta"):
+        model = GLM4VForConditionalGeneration(config)
+    bar = _progress_bar(folder) if progress else None
+    load_weights(model, folder, torch_dtype, torch_device, progress=bar.update_to if bar else None)
+    if bar:
+        bar.close()
+    model.rope = rope_table(config, torch_device)
+    if model.transformer.rotary_pos_emb.inv_freq.is_meta:  # checkpoints without the unused inv_freq
+        model.transformer.rotary_pos_emb = RotaryBuffer(config).to(torch_device)
+    model.eval()
+    model.requires_grad_(False)
+    return Pipeline(model, tokenizer, folder, read_generation_defaults(folder))
+
+
+def check_tokenizer_matches(config: GLM4VConfig, tokenizer: GLM4Tokenizer, folder: Path) -> None:
+    if len(tokenizer) > config.padded_vocab_size:
+        raise CheckpointError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but config.json's padded_vocab_size is {config.padded_vocab_size}"
+        )
+    for name, ours in (("boi_token_id", tokenizer.boi_token_id), ("eoi_token_id", tokenizer.eoi_token_id),
+                       ("pad_token_id", tokenizer.pad_token_id)):
+        if getattr(config, name) != ours:
+            raise CheckpointError(f"{folder}: config.json {name} is {getattr(config, name)} but the tokenizer says {ours}")
+    if tokenizer.image_size != config.vision_config.image_size:
+        raise CheckpointError(
+            f"{folder}: tokenizer_config.json image_size {tokenizer.image_size} differs from "
+            f"config.json vision_config.image_size {config.vision_config.image_size}"
+        )
+
+
+def _progress_bar(folder: Path):
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        def update_to(self, done, total):
+            self.total = total
+            self.n = done
+            self.refresh()
+
+    return Bar(desc=f"loading {folder.name}", unit="tensor", leave=False)

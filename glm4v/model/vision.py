@@ -1,0 +1,123 @@
+"""EVA2-CLIP vision tower, 2x2 conv downsample and GLU adapter (``transformer.vision`` in the checkpoint).
+
+image [B,3,S,S] -> patches + CLS + learned positions -> N post-LN ("sandwich") blocks -> drop CLS
+-> 2x2/stride-2 conv to the LM width -> GLU adapter -> [boi, patches, eoi] / scaling_factor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm4v.config import GLM4VConfig, VisionConfig
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, config.hidden_size))
+        self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)
+        cls = self.cls_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight[None]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = self.query_key_value(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.dense(out.transpose(1, 2).reshape(B, L, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Post-LN residual block: the LayerNorms normalise the sub-block outputs, not their inputs."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = VisionAttention(config)
+        self.mlp = VisionMLP(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.input_layernorm(self.attention(x))
+        return x + self.post_attention_layernorm(self.mlp(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class GLU(nn.Module):
+    """Adapter from the conv output to the LM's embedding space (uses the LM's widths)."""
+
+    def __init__(self, config: GLM4VConfig):
+        super().__init__()
+        d, ffn = config.hidden_size, config.ffn_hidden_size
+        self.linear_proj = nn.Linear(d, d, bias=False)
+        self.norm1 = nn.LayerNorm(d)
+        self.gate_proj = nn.Linear(d, ffn, bias=False)
+        self.dense_h_to_4h = nn.Linear(d, ffn, bias=False)
+        self.dense_4h_to_h = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.linear_proj(x)))
+        return self.dense_4h_to_h(F.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))
+
+
+class EVA2CLIPModel(nn.Module):
+    def __init__(self, config: GLM4VConfig):
+        super().__init__()
+        vc = config.vision_config
+        self.patch_embedding = PatchEmbedding(vc)
+        self.transformer = VisionTransformer(vc)
+        self.conv = nn.Conv2d(vc.hidden_size, config.hidden_size, kernel_size=2, stride=2)
+        self.linear_proj = GLU(config)
+        self.boi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.eoi = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.scaling_factor = vc.scaling_factor
+
+    def forward(self, images: torch.Tensor, return_intermediates: bool = False):
+        """images [B,3,S,S] -> [B, P+2, D_lm]: boi, P patch tokens, eoi, all divided by scaling_factor."""
+        inter = {}
+        x = self.patch_embedding(images)
+        inter["patch_embed"] = x
+        x = self.transformer(x)
+        inter["transformer"] = x
+        x = x[:, 1:]
+        B, N, D = x.shape
+        grid = int(round(N**0.5))
+        x = self.conv(x.view(B, grid, grid, D).permute(0, 3, 1, 2))
+        inter["conv"] = x
+        x = self.linear_proj(x.flatten(2).transpose(1, 2))
+        inter["glu"] = x
+        x = torch.cat([self.boi.expand(B, -1, -1), x, self.eoi.expand(B, -1, -1)], dim=1) / self.scaling_factor
+        return (x, inter) if return_intermediates else x
