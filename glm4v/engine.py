@@ -115,7 +115,8 @@ class Pipeline:
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        steps = [s.tokens for s in generate_steps(self.model, input_ids, pixel_values, attention_mask, config)]
+        steps = [s.tokens for s in generate_steps(self.model, input_ids, pixel_values, attention_mask, config,
+                                                  vocab_limit=len(self.tokenizer))]
         return torch.tensor(steps, dtype=torch.long).T.reshape(input_ids.shape[0], len(steps))
 
     def prepare_chat(self, conversation, add_generation_prompt: bool = True):
@@ -132,7 +133,8 @@ class Pipeline:
         input_ids, features = self.prepare_chat(conversation)
         text = TextStream(self.tokenizer, config.stop_strings)
         sampler = Sampler(config, self.device, input_ids[0].tolist())
-        for step in generate_steps(self.model, input_ids, config=config, image_features=features, samplers=[sampler]):
+        for step in generate_steps(self.model, input_ids, config=config, image_features=features, samplers=[sampler],
+                                   vocab_limit=len(self.tokenizer)):
             token = step.tokens[0]
             if step.reasons[0] == "stop":
                 break

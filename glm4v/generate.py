@@ -139,8 +139,13 @@ def generate_steps(
     *,
     image_features: torch.Tensor | None = None,
     samplers: list[Sampler] | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[StepResult]:
-    """Prefill then decode with a preallocated KV cache, yielding one StepResult per new token."""
+    """Prefill then decode with a preallocated KV cache, yielding one StepResult per new token.
+
+    ``vocab_limit``: the tokenizer's size. The output layer is padded (151,552 rows for 151,343
+    tokens); rows past the tokenizer are never valid choices, so they are masked out.
+    """
     config = (config or GenerationConfig()).validate()
     B, L = input_ids.shape
     if pixel_values is not None and image_features is None:
@@ -163,6 +168,8 @@ def generate_steps(
         out = model(input_ids, attention_mask=attention_mask, image_features=image_features, kv_cache=cache, logits_to_keep=1)
         for step in range(max_new):
             logits = out.logits[:, -1].float()
+            if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+                logits[:, vocab_limit:] = float("-inf")
             tokens = []
             for b in range(B):
                 if finished[b]:
