@@ -23,6 +23,7 @@ from glm4v.generate import GenerationConfig, Sampler, TextStream, generate_steps
 from glm4v.image import ImageProcessor, image_digest, load_image
 from glm4v.model.glm4v import GLM4VForConditionalGeneration, RotaryBuffer
 from glm4v.model.language import rope_table
+from glm4v.prefix_cache import PrefixCache, generate_cached
 from glm4v.tokenizer import GLM4Tokenizer, load_tokenizer
 from glm4v.weights import load_weights
 
@@ -73,7 +74,7 @@ def read_generation_defaults(folder: Path) -> dict:
 
 class Pipeline:
     def __init__(self, model: GLM4VForConditionalGeneration, tokenizer: GLM4Tokenizer, path: Path | None = None,
-                 generation_defaults: dict | None = None, image_cache_size: int = 8):
+                 generation_defaults: dict | None = None, image_cache_size: int = 8, prefix_cache_bytes: int = 1 << 30):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -82,6 +83,9 @@ class Pipeline:
         self.generation_defaults = generation_defaults or {}
         self.image_cache_size = image_cache_size
         self._image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # keys/values of recent conversations, so that a follow-up turn prefills only its new tokens
+        self.prefix_cache = (PrefixCache(prefix_cache_bytes, self.config.boi_token_id, self.config.num_image_tokens + 2)
+                             if prefix_cache_bytes else None)
 
     @property
     def device(self) -> torch.device:
@@ -130,11 +134,18 @@ class Pipeline:
         stop_strings = gen.pop("stop_strings", None) or []
         config = GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                               stop_strings=stop_strings, **gen)
-        input_ids, features = self.prepare_chat(conversation)
+        if self.prefix_cache is not None:
+            # reuse the keys/values of an earlier turn of this conversation (glm4v/prefix_cache.py)
+            ids, image = self.tokenizer.encode_chat(conversation)
+            sampler = Sampler(config, self.device, ids)
+            steps = generate_cached(self, ids, image, config, sampler)
+        else:
+            input_ids, features = self.prepare_chat(conversation)
+            sampler = Sampler(config, self.device, input_ids[0].tolist())
+            steps = generate_steps(self.model, input_ids, config=config, image_features=features, samplers=[sampler],
+                                   vocab_limit=len(self.tokenizer))
         text = TextStream(self.tokenizer, config.stop_strings)
-        sampler = Sampler(config, self.device, input_ids[0].tolist())
-        for step in generate_steps(self.model, input_ids, config=config, image_features=features, samplers=[sampler],
-                                   vocab_limit=len(self.tokenizer)):
+        for step in steps:
             token = step.tokens[0]
             if step.reasons[0] == "stop":
                 break
