@@ -164,7 +164,10 @@ class GLM4VForConditionalGeneration(nn.Module):
             kv_cache.positions.copy_(position_ids[:, -1] + 1)
 
         head_input = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
-        logits = self.transformer.output_layer(head_input) if logits_to_keep != 0 else None
+        # Flattened to 2-D: a [1, 1, D] slice keeps the parent's batch stride, and torch's matmul
+        # then takes a batched path that copies the whole [V, D] output layer (seconds per call).
+        logits = (self.transformer.output_layer(head_input.flatten(0, 1)).unflatten(0, head_input.shape[:2])
+                  if logits_to_keep != 0 else None)
         return ModelOutput(
             logits=logits,
             position_ids=position_ids,
