@@ -76,11 +76,11 @@ def test_cancel_frees_the_row_for_the_next_request(pipe):
         assert waiting.finish_reason == "length"
 
 
-def test_stop_strings_stop_tokens_and_length(pipe, reference):
-    full = reference.chat(conv(3), max_new_tokens=30).removeprefix("\n")
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+def test_stop_strings_stop_tokens_and_length(pipe):
     with Scheduler(pipe) as scheduler:
-        stopped = submit(scheduler, pipe, conv(3), max_new_tokens=30, stop_strings=[stop])
+        full = submit(scheduler, pipe, conv(3), max_new_tokens=30, ignore_eos=True).text(timeout=30)
+        stop = full[len(full) // 2: len(full) // 2 + 3]
+        stopped = submit(scheduler, pipe, conv(3), max_new_tokens=30, stop_strings=[stop], ignore_eos=True)
         assert stopped.text(timeout=30) == full[: full.index(stop)]
         assert stopped.finish_reason == "stop"
         first = submit(scheduler, pipe, conv(3), max_new_tokens=1)
@@ -165,3 +165,16 @@ def test_close_fails_what_is_pending(pipe):
             request.text(timeout=10)
     with pytest.raises(EngineClosed):
         submit(scheduler, pipe, conv(2), max_new_tokens=1)
+
+
+def test_serving_benchmark_measures_both_goals(pipe):
+    from glm4v.bench_serving import measure_throughput, measure_ttft
+
+    throughput = measure_throughput(pipe, concurrency=3, tokens=6)
+    assert throughput["batch"]["requests"] == 3 and throughput["batch"]["decode_tokens"] >= 3 * 5
+    assert throughput["batch"]["steps"] < throughput["batch"]["decode_tokens"]  # several rows per step
+    assert throughput["speedup"] > 0
+    ttft = measure_ttft(pipe, repeats=1)
+    run = ttft["runs"][0]
+    assert run["turn2_prefilled_tokens"] <= run["turn2_prompt_tokens"] - run["turn1_prompt_tokens"]
+    assert 0 < ttft["ratio"] and run["turn2_s"] > 0

@@ -1,7 +1,9 @@
 """The chat page served at `/`: offline assets, and a real headless Chromium conversation about an image."""
 
+import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -97,7 +99,13 @@ def test_chat_in_headless_chromium(server):
             assert second == rendered(answer2)
             assert "reused" in page.locator("#status").inner_text()
 
-            # a long answer streams in pieces and the stop button ends it
+            # a long answer streams in pieces and the stop button ends it (the request is made to ignore
+            # the end-of-answer token, so that any model is still writing when Stop is clicked)
+            def endless(route):
+                body = json.loads(route.request.post_data)
+                route.continue_(post_data=json.dumps({**body, "ignore_eos": True}))
+
+            page.route("**/v1/chat/completions", endless)
             page.fill("#max-tokens", "6000")
             page.fill("#prompt", "Tell me everything.")
             page.press("#prompt", "Enter")
@@ -107,6 +115,12 @@ def test_chat_in_headless_chromium(server):
             page.click("#stop")
             sync_api.expect(page.locator(".message.assistant").nth(2)).to_have_attribute("data-finish", "stopped")
             sync_api.expect(page.locator("#send")).to_be_visible()
+            page.unroute("**/v1/chat/completions")
+            scheduler = server[1].state.scheduler
+            deadline = time.monotonic() + 10
+            while scheduler.snapshot()["active"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert scheduler.snapshot()["active"] == 0  # Stop ended the generation on the server too
 
             # new chat, then an image dropped onto the conversation
             page.click("#new-chat")
