@@ -11,6 +11,7 @@ being written and returns to the prompt; Ctrl-D or /exit leaves.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from glm4v.errors import Glm4vError, InputError
@@ -172,8 +173,12 @@ def run(args) -> int:
     generation_settings(args, {})  # a bad flag is reported before a large model loads
     pipe = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
     session = ChatSession(pipe, generation_settings(args, pipe.generation_defaults), image=args.image, system=args.system)
-    if prompt is not None:
-        _, completed = session.ask(prompt)
-        if not args.interactive:
-            return 0 if completed else 130
-    return interactive(session)
+    try:
+        if prompt is not None:
+            _, completed = session.ask(prompt)
+            if not args.interactive:
+                return 0 if completed else 130
+        return interactive(session)
+    except BrokenPipeError:  # the reader went away (`glm4v chat ... | head -1`): not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0

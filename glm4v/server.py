@@ -21,12 +21,14 @@ import base64
 import binascii
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import re
 import socket
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -307,9 +309,6 @@ def fetch_remote_image(url: str, max_bytes: int, timeout: float, where: str = "i
     The host name is resolved once and the connection goes to the checked address, so a DNS
     answer that changes between the check and the connection cannot redirect us inside.
     """
-    import http.client
-    import ssl
-
     deadline = time.monotonic() + timeout
     for _ in range(redirects + 1):
         parts = urllib.parse.urlsplit(url)
@@ -366,27 +365,22 @@ def fetch_remote_image(url: str, max_bytes: int, timeout: float, where: str = "i
                    code="image_fetch_failed")
 
 
-def _pinned(base):
-    class Pinned(base):
-        def __init__(self, host, port, address, timeout):
-            super().__init__(host, port, timeout=timeout)
-            self._address = address
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to an address checked beforehand, whatever the host name resolves to by now."""
 
-        def connect(self):
-            self.sock = socket.create_connection((self._address, self.port), self.timeout)
-            if hasattr(self, "_context"):  # https: TLS with the host name for SNI and certificate checks
-                self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+    def __init__(self, host, port, address, timeout):
+        super().__init__(host, port, timeout=timeout)
+        self.address = address
 
-    return Pinned
+    def connect(self):
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
 
 
-def _http_classes():
-    import http.client
-
-    return _pinned(http.client.HTTPConnection), _pinned(http.client.HTTPSConnection)
-
-
-_PinnedHTTP, _PinnedHTTPS = _http_classes()
+class _PinnedHTTPS(_PinnedHTTP):
+    def connect(self):
+        super().connect()
+        # TLS to the pinned address, with the host name for SNI and the certificate check
+        self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
 
 
 def build_conversation(chat: ChatRequest, settings: ServerSettings, tokenizer):
@@ -706,7 +700,10 @@ def settings_from_args(args, pipe) -> ServerSettings:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0 or args.max_body_mb <= 0 or args.request_timeout < 0 or args.prefix_cache_mb < 0:
         raise InputError("--max-queue, --max-body-mb, --request-timeout and --prefix-cache-mb must not be negative")
-    name = args.served_model_name or (pipe.path.name if pipe.path is not None else "glm-4v")
+    from glm4v.engine import EMBEDDED_MODEL
+
+    folder = pipe.path.name if pipe.path is not None and pipe.path != EMBEDDED_MODEL else "glm4v-embedded"
+    name = args.served_model_name or folder
     return ServerSettings(
         model_name=name, api_key=args.api_key or os.environ.get("GLM4V_API_KEY") or None,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout=args.request_timeout,
