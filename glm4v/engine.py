@@ -162,10 +162,13 @@ class Pipeline:
         return "".join(self.stream_chat(conversation, max_new_tokens=max_new_tokens, do_sample=do_sample, **gen))
 
 
-def load(path=None, dtype="float32", device="cpu", progress: bool = False) -> Pipeline:
+def load(path=None, dtype="float32", device="cpu", progress: bool = False, quantize=None,
+         group_size: int = 128) -> Pipeline:
     """Load a GLM-4V folder in the official layout (config.json, safetensors shards, tokenizer files).
 
-    ``path=None`` loads the small model shipped inside the package.
+    ``path=None`` loads the small model shipped inside the package. ``quantize="int8"|"int4"``
+    quantises every linear layer while the weights stream in (``group_size``: int4 group);
+    a pre-quantised folder (``python -m glm4v.quant``) loads as it was saved (glm4v/quant.py).
     """
     folder = Path(path) if path is not None else EMBEDDED_MODEL
     if not folder.exists():
@@ -182,10 +185,16 @@ def load(path=None, dtype="float32", device="cpu", progress: bool = False) -> Pi
 
     with torch.device("meta"):
         model = GLM4VForConditionalGeneration(config)
+    from glm4v.quant import prepare_load
+
+    quantizer = prepare_load(model, config, quantize, group_size, torch_dtype, torch_device)
     bar = _progress_bar(folder) if progress else None
-    load_weights(model, folder, torch_dtype, torch_device, progress=bar.update_to if bar else None)
-    if bar:
+    load_weights(model, folder, torch_dtype, torch_device, on_tensor=quantizer,
+                 progress=bar.update_to if bar is not None else None)
+    if bar is not None:  # (a tqdm bar without a total refuses bool())
         bar.close()
+    if quantizer is not None:
+        quantizer.finish(model)
     model.rope = rope_table(config, torch_device)
     if model.transformer.rotary_pos_emb.inv_freq.is_meta:  # checkpoints without the unused inv_freq
         model.transformer.rotary_pos_emb = RotaryBuffer(config).to(torch_device)
