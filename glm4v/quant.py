@@ -53,10 +53,11 @@ INT4_BLOCK_ROWS = 64
 CONFIG_KEY = "glm4v_quantization"
 
 # Up to this many tokens per step the weight-only kernel is used, above it the bf16 matmul on the
-# expanded weight. Measured on a 2-core AVX-512/AMX CPU (docs/PERFORMANCE.md): int8 expands cheaply
-# (one int8->bf16 copy) and its kernel slows down quickly with M; int4 expands at ~0.6-0.8 ns per
-# weight, so its kernel stays the better choice for longer.
-KERNEL_MAX_TOKENS = {"int8": 8, "int4": 32}
+# expanded weight. The kernels' time grows about linearly with the tokens (they are GEMV loops),
+# the expansion is a fixed cost per weight: int8 expands cheaply (one int8->bf16 copy, ~0.15-0.4 ns
+# per weight), int4 at ~0.5-1 ns per weight, so its kernel stays the better choice for longer.
+# Crossovers measured on a 2-core AVX-512/AMX Xeon, 4096x27392 and 13696x4096 (docs/PERFORMANCE.md).
+KERNEL_MAX_TOKENS = {"int8": 12, "int4": 32}
 # Largest slice of an expanded weight, in elements (32 MB of bf16): big enough for matmuls near the
 # peak, small enough to stay a fixed, small scratch buffer.
 EXPAND_CHUNK_ELEMENTS = 16 * 1024 * 1024
@@ -307,24 +308,29 @@ class QuantizedLinear(nn.Module):
     def _expand_int4_transposed(self, start: int, stop: int, out_kn: torch.Tensor, dtype) -> torch.Tensor:
         """Decode rows [start, stop) into ``out_kn`` as W^T [K, n].
 
-        The packed layout stores, per 64-row block, column k's 64 rows together: decoding into
-        [block, K, 64] needs no transposition, and the move to [K, n] only shuffles runs of 64
-        values (a full element-wise transpose is several times slower).
+        The packed layout keeps, per 64-row block, each input column's 32 bytes together. The bytes
+        are first regrouped column-major ([K, blocks, 32], a cheap byte shuffle), the nibbles split
+        and widened into W^T, and the scales applied over whole rows of W^T: torch's elementwise
+        kernels are fast on long contiguous runs and slow on short ones, and this order keeps every
+        pass long (~3x faster than scaling in the block layout).
         """
         K, g = self.in_features, self.group_size
         n = stop - start
         nb, groups, half = n // INT4_BLOCK_ROWS, K // g, INT4_BLOCK_ROWS // 2
-        packed = self.weight[start:stop].view(nb, K, half)
-        codes = _scratch_buffer(nb * K * INT4_BLOCK_ROWS, dtype, packed.device, "codes").view(nb, K, INT4_BLOCK_ROWS)
-        nibbles = _scratch_buffer(nb * K * half, torch.uint8, packed.device, "nibbles").view(nb, K, half)
-        codes[..., :half].copy_(torch.bitwise_and(packed, 15, out=nibbles))
-        codes[..., half:].copy_(torch.bitwise_right_shift(packed, 4, out=nibbles))
-        sz = self.weight_scales_zeros[:, start:stop].to(dtype)  # [G, n, 2]
-        scale = sz[..., 0].reshape(groups, nb, 1, INT4_BLOCK_ROWS).transpose(0, 1)  # [nb, G, 1, 64]
-        shift = (sz[..., 1] - 8 * sz[..., 0]).reshape(groups, nb, 1, INT4_BLOCK_ROWS).transpose(0, 1)
-        grouped = codes.view(nb, groups, g, INT4_BLOCK_ROWS)
-        torch.addcmul(shift, grouped, scale, out=grouped)
-        out_kn.view(K, nb, INT4_BLOCK_ROWS).copy_(codes.transpose(0, 1))
+        device = out_kn.device
+        by_column = _scratch_buffer(K * nb * half, torch.uint8, device, "by_column").view(K, nb, half)
+        low = _scratch_buffer(K * nb * half, torch.uint8, device, "low").view(K, nb, half)
+        by_column.copy_(self.weight[start:stop].view(nb, K, half).transpose(0, 1))
+        torch.bitwise_and(by_column, 15, out=low)
+        by_column.bitwise_right_shift_(4)
+        widened = out_kn.view(K, nb, 2, half)
+        widened[:, :, 0].copy_(low)
+        widened[:, :, 1].copy_(by_column)
+        sz = self.weight_scales_zeros[:, start:stop]  # [G, n, 2]
+        scale = sz[..., 0].to(dtype).contiguous().unsqueeze(1)  # [G, 1, n]; contiguous: a strided operand slows addcmul 2x
+        shift = (sz[..., 1].float() - 8 * sz[..., 0].float()).to(dtype).unsqueeze(1)
+        rows = out_kn.view(groups, g, n)
+        torch.addcmul(shift, rows, scale, out=rows)
         return out_kn
 
 
