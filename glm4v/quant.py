@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -430,12 +431,13 @@ def read_checkpoint_quantization(config_extra: dict) -> dict | None:
 
 
 def prepare_load(model: nn.Module, config, quantize, group_size: int, dtype: torch.dtype,
-                 device: torch.device) -> QuantizeOnLoad | None:
+                 device: torch.device) -> "QuantizeOnLoad | AlignOnLoad | None":
     """Get a model built on ``meta`` ready for ``load_weights``; used by ``glm4v.load``.
 
     A pre-quantised checkpoint (config.json says so) gets empty quantised layers that its tensors
     load into directly; ``quantize="int8"|"int4"`` on an ordinary checkpoint returns the hook that
-    quantises while streaming. Returns None when there is no hook to run.
+    quantises while streaming. Returns the hook for ``load_weights`` (with a ``finish(model)`` to
+    call afterwards), or None when there is nothing to hook.
     """
     fmt = normalize_format(quantize)
     stored = read_checkpoint_quantization(config.extra)
@@ -452,7 +454,7 @@ def prepare_load(model: nn.Module, config, quantize, group_size: int, dtype: tor
         if unknown:
             raise CheckpointError(f"config.json: '{CONFIG_KEY}' names layers the model does not have, e.g. {unknown[:3]}")
         install_empty(model, stored["layers"], stored["group_size"], dtype)
-        return None
+        return AlignOnLoad() if torch.device(device).type == "cpu" else None
     if fmt == "bf16":
         return None
     return QuantizeOnLoad(plan_layers(model, fmt, group_size), group_size, dtype, device)
@@ -478,12 +480,19 @@ def model_nbytes(model: nn.Module) -> int:
     return total
 
 
-def save_quantized(pipe, folder: str | Path, max_shard_bytes: int = 1 << 30) -> None:
+# Address alignment the weight-only kernels need: torch's int8 kernel crashes on an int8 weight
+# that is not 16-byte aligned once a step has 4+ tokens; 64 covers every SIMD width.
+ALIGNMENT = 64
+
+
+def save_quantized(pipe, folder: str | Path, max_shard_bytes: int = 2 << 30) -> None:
     """Write a loaded (quantised) pipeline as a checkpoint folder in the official layout.
 
-    Shards are kept at 1 GB because the safetensors writer holds a shard's bytes in memory.
+    The shards are ordinary safetensors files, written tensor by tensor (never a whole shard in
+    memory) and laid out so that every quantised weight starts 64-byte aligned: a memory-mapped
+    load can then use them in place.
     """
-    from glm4v.weights import atomic_folder, copy_files, save_weights
+    from glm4v.weights import atomic_folder, copy_files
 
     model = pipe.model
     block = quantization_block(model)
@@ -491,13 +500,66 @@ def save_quantized(pipe, folder: str | Path, max_shard_bytes: int = 1 << 30) -> 
         raise InputError("the model is not quantised; load it with quantize='int8' or 'int4' first")
     config = model.config.to_dict()
     config[CONFIG_KEY] = block
-    tensors = {k: v for k, v in model.state_dict().items()}
+    tensors = dict(model.state_dict())
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with atomic_folder(folder) as tmp:
-        save_weights(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        weight_map, total = {}, 0
+        for shard_name, shard in zip(names, shards):
+            total += write_aligned_safetensors(tmp / shard_name, shard)
+            weight_map.update({k: shard_name for k in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if pipe.path is not None:
             copy_files(["tokenizer.model", "tokenizer_config.json", "generation_config.json",
                         "special_tokens_map.json", "tokenization_chatglm.py"], Path(pipe.path), tmp)
+
+
+def write_aligned_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+    """A safetensors file whose data starts 64-byte aligned, tensors whose size is a multiple of
+    64 bytes first (so each of them starts aligned too). Returns the data bytes written."""
+    from glm4v.weights import _DTYPE_NAMES
+
+    order = sorted(tensors, key=lambda n: (tensors[n].numel() * tensors[n].element_size()) % ALIGNMENT != 0)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # spaces are valid JSON padding
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in order:
+            t = tensors[name].detach().contiguous().cpu()
+            if t.numel():
+                f.write(t.view(-1).view(torch.uint8).numpy().data)
+    return offset
+
+
+class AlignOnLoad:
+    """``load_weights`` hook for pre-quantised checkpoints written elsewhere: a quantised weight
+    that is not 64-byte aligned in the memory map is copied (and its mapped pages released)."""
+
+    def __call__(self, name: str, tensor: torch.Tensor, module: nn.Module, attr: str) -> bool:
+        if not isinstance(module, QuantizedLinear) or attr != "weight" or tensor.data_ptr() % ALIGNMENT == 0:
+            return False
+        setattr(module, attr, tensor.clone())  # torch's CPU allocator aligns to 64 bytes
+        return True
+
+    def finish(self, model: nn.Module) -> None:
+        pass
 
 
 def quantize_checkpoint(source, target, fmt: str = "int8", group_size: int = 128, progress: bool = True) -> None:

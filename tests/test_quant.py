@@ -171,6 +171,43 @@ def test_saved_checkpoint_loads_identically_and_smaller(tmp_path):
     assert size(tmp_path / "int8") < size(TINY_DIR) / 2  # fp32 tiny -> int8 linears + bf16 rest
 
 
+def test_saved_weights_are_aligned_in_place_and_readable_by_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = glm4v.load(TINY_DIR, dtype="bfloat16", quantize="int4", group_size=32)
+    quant.save_quantized(pipe, tmp_path / "q")
+    again = glm4v.load(tmp_path / "q", dtype="bfloat16")
+    layers = [m for m in again.model.modules() if isinstance(m, QuantizedLinear)]
+    assert all(m.weight.data_ptr() % quant.ALIGNMENT == 0 for m in layers)
+    files = {}
+    for shard in (tmp_path / "q").glob("*.safetensors"):
+        files.update(load_file(str(shard)))
+    assert set(files) == set(pipe.model.state_dict())
+    assert all(torch.equal(files[k], v) for k, v in pipe.model.state_dict().items())
+
+
+def test_misaligned_quantised_weights_are_realigned_on_load(tmp_path, monkeypatch):
+    """A pre-quantised checkpoint from another writer may place an int8 weight anywhere; torch's
+    int8 kernel crashes on one that is not 16-byte aligned (steps of 4+ tokens)."""
+    from glm4v.weights import SafetensorsFile
+
+    pipe = glm4v.load(TINY_DIR, dtype="bfloat16", quantize="int8")
+    with monkeypatch.context() as m:
+        m.setattr(quant, "ALIGNMENT", 1)  # write without any alignment care
+        quant.save_quantized(pipe, tmp_path / "odd")
+    offsets = []
+    for shard in (tmp_path / "odd").glob("*.safetensors"):
+        f = SafetensorsFile(shard)
+        offsets += [f._span(n)[0] % 64 for n in f.keys() if n.endswith(".weight") and f.dtype(n) == torch.int8]
+    assert any(offsets), "precondition: some int8 weight must be misaligned in the file"
+    again = glm4v.load(tmp_path / "odd", dtype="bfloat16")
+    layers = [m for m in again.model.modules() if isinstance(m, QuantizedLinear)]
+    assert all(m.weight.data_ptr() % quant.ALIGNMENT == 0 for m in layers)
+    x = torch.randn(1, 12, 64, dtype=torch.bfloat16)
+    for name in ("transformer.encoder.layers.0.self_attention.query_key_value", "transformer.output_layer"):
+        assert torch.equal(again.model.get_submodule(name)(x), pipe.model.get_submodule(name)(x))
+
+
 def test_quantize_checkpoint_cli(tmp_path):
     assert quant.main([str(TINY_DIR), str(tmp_path / "q4"), "--format", "int4", "--group-size", "32"]) == 0
     assert "int4" in _linear_formats(glm4v.load(tmp_path / "q4", dtype="bfloat16").model).values()
