@@ -94,9 +94,11 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(N, dtype=scale_dtype, device=weight.device)
     for start in range(0, N, _ROWS_PER_PASS):
-        rows = weight[start : start + _ROWS_PER_PASS].float()
-        scale = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)
-        codes[start : start + len(rows)] = torch.round(rows / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        rows = weight[start : start + _ROWS_PER_PASS].to(torch.float32, copy=True)
+        lo, hi = torch.aminmax(rows, dim=1)
+        scale = (torch.maximum(-lo, hi) / 127).clamp_(min=1e-12).to(scale_dtype)
+        rows.mul_((1 / scale.float())[:, None])
+        codes[start : start + len(rows)] = rows.round_().clamp_(-127, 127)
         scales[start : start + len(rows)] = scale
     return codes, scales
 
@@ -114,12 +116,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtyp
     packed = torch.empty(N, K // 2, dtype=torch.uint8, device=weight.device)
     scales_zeros = torch.empty(groups, N, 2, dtype=scale_dtype, device=weight.device)
     for start in range(0, N, _ROWS_PER_PASS):  # a multiple of 64: slices keep whole blocks
-        rows = weight[start : start + _ROWS_PER_PASS].float().view(-1, groups, group_size)
-        lo, hi = rows.amin(dim=-1), rows.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12).to(scale_dtype)
-        zero = (lo + 8 * scale.float()).to(scale_dtype)  # code 0 decodes to lo
-        codes = torch.round((rows - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+        rows = weight[start : start + _ROWS_PER_PASS].to(torch.float32, copy=True).view(-1, groups, group_size)
         n = rows.shape[0]
+        lo, hi = torch.aminmax(rows, dim=-1)
+        scale = ((hi - lo) / 15).clamp_(min=1e-12).to(scale_dtype)
+        zero = (lo + 8 * scale.float()).to(scale_dtype)  # code 0 decodes to lo
+        inv = 1 / scale.float()
+        # code = round((w - zero) / scale + 8) = round(w * inv + offset), in place
+        rows.mul_(inv[..., None]).add_((8 - zero.float() * inv)[..., None])
+        codes = rows.round_().clamp_(0, 15).to(torch.uint8)
         packed[start : start + n] = pack_int4(codes.view(n, K))
         scales_zeros[:, start : start + n, 0] = scale.t()
         scales_zeros[:, start : start + n, 1] = zero.t()

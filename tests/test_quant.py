@@ -50,14 +50,18 @@ def test_int8_roundtrip_of_representable_weight_is_exact():
     codes = torch.randint(-127, 128, (3, 40), generator=torch.Generator().manual_seed(1)).float()
     codes[:, 0] = 127  # the row maximum fixes the scale
     weight = codes * scale[:, None]
+    before = weight.clone()
     q, s = quant.quantize_int8(weight, torch.float32)
     assert torch.equal(s, scale) and torch.equal(q.float(), codes)
+    assert torch.equal(weight, before)  # the source (often a view of the checkpoint) is never written
 
 
 @pytest.mark.parametrize("fmt,group,bound", [("int8", None, 0.008), ("int4", 32, 0.09), ("int4", 128, 0.11)])
 def test_quantisation_error_is_small_on_gaussian_weights(fmt, group, bound):
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(2))
+    before = w.clone()
     layer = QuantizedLinear.from_weight(w, None, fmt, group or 128, torch.float32)
+    assert torch.equal(w, before)  # the source (often a view of the checkpoint) is never written
     err = (quant.dequantize(layer).float() - w).norm() / w.norm()
     assert err < bound, f"{fmt} relative weight error {err:.4f}"
 
