@@ -102,11 +102,15 @@ class StepContext:
     ``slots`` [B, L] are the cache slots the new tokens are written to, ``rope`` their rotary
     rows, and ``mask`` the boolean attention mask ([B, 1, L, T], True = may attend) or None when a
     plain causal / full attention is exact. ``key_len`` is how many cache slots attention reads.
+    ``first_slot`` is set when every row writes the same slots (one sequence, or a batch that
+    started together): the layers then write their keys/values with a slice copy instead of an
+    indexed scatter, which matters in a decode step where everything but the matmuls is overhead.
     """
 
-    def __init__(self, rope, mask, causal, cache: KVCache | None, slots, key_len):
+    def __init__(self, rope, mask, causal, cache: KVCache | None, slots, key_len, first_slot: int | None = None):
         self.rope, self.mask, self.causal, self.cache = rope, mask, causal, cache
-        self.slots, self.key_len = slots, key_len
+        self.slots, self.key_len, self.first_slot = slots, key_len, first_slot
+        self.rows = None if slots is None else torch.arange(slots.shape[0], device=slots.device)[:, None]
 
 
 def build_step(
@@ -138,15 +142,17 @@ def build_step(
     new_valid = torch.ones(B, L, dtype=torch.bool, device=device) if token_mask is None else token_mask.bool()
     rows = torch.arange(B, device=device)[:, None]
     cache.valid[rows, slots] = new_valid
+    same_start = bool((lengths == lengths[0]).all())
+    first_slot = int(lengths[0]) if same_start else None
     # Fast path: every row starts at the same slot with no padding anywhere -> plain causal
     # (prefill from empty) or full attention (a single new token).
-    uniform = bool((lengths == lengths[0]).all()) and bool(cache.valid[:, :key_len].all())
-    if uniform and (L == 1 or int(lengths[0]) == 0):
-        return StepContext(rope_rows, None, L > 1, cache, slots, key_len)
+    uniform = same_start and bool(cache.valid[:, :key_len].all())
+    if uniform and (L == 1 or first_slot == 0):
+        return StepContext(rope_rows, None, L > 1, cache, slots, key_len, first_slot)
     key_idx = torch.arange(key_len, device=device)
     mask = cache.valid[:, None, None, :key_len] & (key_idx[None, None, None, :] <= slots[:, None, :, None])
     mask = mask | ~new_valid[:, None, :, None]
-    return StepContext(rope_rows, mask, False, cache, slots, key_len)
+    return StepContext(rope_rows, mask, False, cache, slots, key_len, first_slot)
 
 
 class SelfAttention(nn.Module):
@@ -163,17 +169,21 @@ class SelfAttention(nn.Module):
         B, L, _ = x.shape
         hd, H, G = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = self.query_key_value(x)
-        # Output rows are contiguous blocks [q | k | v], not interleaved per head.
-        q, k, v = qkv.split([H * hd, G * hd, G * hd], dim=-1)
-        q = apply_rope(q.view(B, L, H, hd).transpose(1, 2), step.rope)
-        k = apply_rope(k.view(B, L, G, hd).transpose(1, 2), step.rope)
+        # Output rows are contiguous blocks [q | k | v], not interleaved per head; q and k are
+        # rotated in one call (RoPE is per head, the same for both).
+        qk, v = qkv.split([(H + G) * hd, G * hd], dim=-1)
+        qk = apply_rope(qk.view(B, L, H + G, hd).transpose(1, 2), step.rope)
+        q, k = qk[:, :H], qk[:, H:]
         v = v.view(B, L, G, hd).transpose(1, 2)
 
         if step.cache is not None:
             cache_k, cache_v = step.cache.k[layer], step.cache.v[layer]
-            rows = torch.arange(B, device=x.device)[:, None]
-            cache_k[rows, :, step.slots] = k.transpose(1, 2)
-            cache_v[rows, :, step.slots] = v.transpose(1, 2)
+            if step.first_slot is not None:
+                cache_k[:, :, step.first_slot : step.first_slot + L] = k
+                cache_v[:, :, step.first_slot : step.first_slot + L] = v
+            else:
+                cache_k[step.rows, :, step.slots] = k.transpose(1, 2)
+                cache_v[step.rows, :, step.slots] = v.transpose(1, 2)
             k = cache_k[:, :, : step.key_len]
             v = cache_v[:, :, : step.key_len]
 
