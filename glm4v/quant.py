@@ -459,7 +459,7 @@ def prepare_load(model: nn.Module, config, quantize, group_size: int, dtype: tor
         if unknown:
             raise CheckpointError(f"config.json: '{CONFIG_KEY}' names layers the model does not have, e.g. {unknown[:3]}")
         install_empty(model, stored["layers"], stored["group_size"], dtype)
-        return AlignOnLoad() if torch.device(device).type == "cpu" else None
+        return AlignOnLoad(device)
     if fmt == "bf16":
         return None
     return QuantizeOnLoad(plan_layers(model, fmt, group_size), group_size, dtype, device)
@@ -554,11 +554,15 @@ def write_aligned_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> i
 
 
 class AlignOnLoad:
-    """``load_weights`` hook for pre-quantised checkpoints written elsewhere: a quantised weight
-    that is not 64-byte aligned in the memory map is copied (and its mapped pages released)."""
+    """``load_weights`` hook for pre-quantised checkpoints written elsewhere: on the CPU, a
+    quantised weight that is not 64-byte aligned in the memory map is copied (and its mapped pages
+    released)."""
+
+    def __init__(self, device):
+        self.cpu = torch.device(device).type == "cpu"
 
     def __call__(self, name: str, tensor: torch.Tensor, module: nn.Module, attr: str) -> bool:
-        if not isinstance(module, QuantizedLinear) or attr != "weight" or tensor.data_ptr() % ALIGNMENT == 0:
+        if not self.cpu or not isinstance(module, QuantizedLinear) or attr != "weight" or tensor.data_ptr() % ALIGNMENT == 0:
             return False
         setattr(module, attr, tensor.clone())  # torch's CPU allocator aligns to 64 bytes
         return True
