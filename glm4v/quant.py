@@ -59,9 +59,9 @@ CONFIG_KEY = "glm4v_quantization"
 # per weight), int4 at ~0.5-1 ns per weight, so its kernel stays the better choice for longer.
 # Crossovers measured on a 2-core AVX-512/AMX Xeon, 4096x27392 and 13696x4096 (docs/PERFORMANCE.md).
 KERNEL_MAX_TOKENS = {"int8": 12, "int4": 32}
-# Largest slice of an expanded weight, in elements (32 MB of bf16): big enough for matmuls near the
-# peak, small enough to stay a fixed, small scratch buffer.
-EXPAND_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# Largest slice of an expanded weight, in elements (64 MB of bf16): big enough for matmuls near the
+# peak and few passes per layer, small enough to stay a fixed, small scratch buffer.
+EXPAND_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
 
 def normalize_format(quantize) -> str:
@@ -306,10 +306,11 @@ class QuantizedLinear(nn.Module):
                 # int8 codes are exact in bf16; the per-row scale is applied to the product.
                 w = buf[: n * K].view(n, K)
                 w.copy_(self.weight[start:stop])
-                pieces.append(F.linear(x, w).mul_(self.weight_scale[start:stop].to(dtype)))
+                pieces.append(F.linear(x, w))
             else:
                 pieces.append(x @ self._expand_int4_transposed(start, stop, buf[: n * K].view(K, n), dtype))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out.mul_(self.weight_scale.to(dtype)) if self.bits == 8 else out
 
     def _expand_int4_transposed(self, start: int, stop: int, out_kn: torch.Tensor, dtype) -> torch.Tensor:
         """Decode rows [start, stop) into ``out_kn`` as W^T [K, n].
