@@ -54,6 +54,8 @@ def test_report_has_every_required_number(report):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (fmt, key, r[key])
         assert r["repeats"] == 2 and len(r["raw"]) == 2
     assert "prequantized_load_s" in report["formats"]["int4"]
+    overhead = report["decode_overhead"]
+    assert overhead["per_layer_ms"] > 0 and overhead["per_layer_ms_1_thread"] > 0
 
 
 def test_extrapolation_uses_per_layer_costs(report):
