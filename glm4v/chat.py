@@ -7,6 +7,9 @@
 The conversation keeps its image for every turn (the official demo drops it after the first), and
 a follow-up only prefills its new tokens (``Pipeline.prefix_cache``). Ctrl-C stops the answer
 being written and returns to the prompt; Ctrl-D or /exit leaves.
+
+Input bytes that are not UTF-8 become U+FFFD rather than a crash; an answer printed to a terminal
+has its control characters made visible, so model output cannot send escape sequences to it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import sys
 from glm4v.errors import Glm4vError, InputError
 from glm4v.generate import GenerationConfig
 from glm4v.image import load_image
+
+# C0 controls but tab and newline, DEL and the C1 range: printed raw, they would drive the terminal
+# (retitle it, move the cursor over earlier text, or write the clipboard with OSC 52)
+TERMINAL_SAFE = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
 
 HELP = """commands:
   /image PATH    start a new conversation about another image
@@ -68,6 +75,7 @@ class ChatSession:
         self.pipe = pipe
         self.gen = gen
         self.out = out or sys.stdout
+        self.terminal = bool(getattr(self.out, "isatty", lambda: False)())
         self.system = system or None
         self.image = None
         self.history: list[dict] = []
@@ -93,7 +101,7 @@ class ChatSession:
                 if not pieces and piece.startswith("\n"):
                     piece = piece[1:]  # the template's newline after <|assistant|>
                 pieces.append(piece)
-                self.out.write(piece)
+                self.out.write(piece.translate(TERMINAL_SAFE) if self.terminal else piece)
                 self.out.flush()
             completed = True
         except KeyboardInterrupt:
@@ -165,6 +173,8 @@ def interactive(session: ChatSession, stdin=None) -> int:
 def run(args) -> int:
     from glm4v.engine import load
 
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte must not end the session
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty() and not args.interactive:
         prompt = sys.stdin.read().strip()

@@ -99,7 +99,10 @@ class Sampler:
                 drop[-1] = False  # always keep the most likely token
                 logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
             probs = logits.softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            if bool(torch.isfinite(probs).all()):
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+            else:  # extreme settings (temperature 1e-40, repetition penalty 1e-300) overflow to inf:
+                token = int(torch.argmax(logits))  # the limit of that distribution is its top token
         if self.seen is not None:
             self.seen.add(token)
         return token

@@ -188,7 +188,7 @@ class Scheduler:
         request.prompt_tokens = text_tokens + (self.image_slots if has_image else 0)
         with self._cond:
             if self._closed:
-                raise EngineClosed("the engine is shutting down")
+                raise EngineClosed("the engine is not running (shut down, or stopped by an error: see the server log)")
             self._sweep_queue()
             if len(self._queue) - self._free_rows() >= self.max_queue:
                 self.stats["rejected"] += 1
@@ -235,31 +235,48 @@ class Scheduler:
 
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    self._sweep_queue()
-                    while not (self._closed or self._queue or self._prefilling or self._active):
-                        self._cond.wait()
-                    if self._closed:
-                        break
-                    admitted = None
-                    if self._prefilling is None and self._queue and len(self._active) < self.max_batch:
-                        admitted = self._prefilling = self._queue.popleft()
-                self._expire()
-                if admitted is not None:
-                    self._guard([admitted], self._begin_prefill, admitted)
-                if self._prefilling is not None:
-                    self._guard([self._prefilling], self._prefill_step)
-                if self._active:
-                    self._guard(list(self._active), self._decode_step)
-        with self._cond:
-            pending = list(self._queue) + ([self._prefilling] if self._prefilling else []) + self._active
-            self._queue.clear()
-            self._active.clear()
-            self._prefilling = None
-        for request in pending:
-            self._fail(request, EngineClosed("the engine shut down before this request finished"))
+        stopped_by = None
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        self._sweep_queue()
+                        while not (self._closed or self._queue or self._prefilling or self._active):
+                            self._cond.wait()
+                        if self._closed:
+                            break
+                        admitted = None
+                        if self._prefilling is None and self._queue and len(self._active) < self.max_batch:
+                            admitted = self._prefilling = self._queue.popleft()
+                    self._guard(list(self._active), self._expire)
+                    if admitted is not None:
+                        self._guard([admitted], self._begin_prefill, admitted)
+                    if self._prefilling is not None:
+                        self._guard([self._prefilling], self._prefill_step)
+                    if self._active:
+                        self._guard(list(self._active), self._decode_step)
+        except BaseException as e:  # not an Exception (those end in _guard): the loop cannot go on
+            stopped_by = e
+            raise
+        finally:
+            # however the loop ends, nobody is left waiting: a stopped engine serves no one, and
+            # every request it held gets an answer now (a client must never hang on a dead thread)
+            with self._cond:
+                self._closed = True
+                pending = list(self._queue) + ([self._prefilling] if self._prefilling else []) + self._active
+                self._queue.clear()
+                self._active.clear()
+                self._prefilling = None
+            for request in pending:
+                if not request.done.is_set():
+                    self._fail(request, EngineClosed("the engine shut down before this request finished")
+                               if stopped_by is None else
+                               EngineFailure(f"the engine stopped: {type(stopped_by).__name__}: {stopped_by}"))
+
+    @property
+    def running(self) -> bool:
+        """True while the engine thread serves requests (False before start, after close or a fatal error)."""
+        return self._started and self._thread.is_alive() and not self._closed
 
     def _guard(self, requests: list[Request], step, *args) -> None:
         """Run one engine step; a failure ends the requests involved and the engine goes on."""

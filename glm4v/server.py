@@ -3,15 +3,15 @@
     POST /v1/chat/completions   OpenAI schema: text or image parts, system role, multi-turn,
                                 streaming (SSE) or not, usage, stop, seed, max_tokens ...
     GET  /v1/models, /v1/models/{id}
-    GET  /health                liveness and queue depth (never needs the API key)
+    GET  /health                liveness and queue depth (the only path that never needs the API key)
     GET  /                      the chat page (static files in glm4v/static, no CDN)
 
 Every request is validated here and handed to the ``Scheduler`` (glm4v/scheduler.py), whose one
 engine thread batches the decoding of all running conversations. Everything a client can get
 wrong is answered with a 4xx in the OpenAI error shape ``{"error": {"message", "type", "param",
-"code"}}``; a 5xx means a bug (or 503 while shutting down). Untrusted input is bounded: the body
+"code"}}``; a 5xx means a bug (or 503: the engine is not running). Untrusted input is bounded: the body
 size and read time, the image bytes and pixels, remote image fetches (off by default), the queue
-length, and the time a request may take.
+length, and the time a request may take. docs/SECURITY.md is the threat model.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 import uuid
@@ -44,7 +45,10 @@ from glm4v.scheduler import EngineClosed, EngineFailure, QueueFull, Request, Req
 
 log = logging.getLogger("glm4v.server")
 STATIC_DIR = Path(__file__).parent / "static"
-PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # the page is static and holds no data; it asks for the key
+PUBLIC_PATHS = ("/health",)  # everything else needs the API key when one is set
+PAGE_PATHS = ("/", "/favicon.ico")  # with /static/*: a browser asks for the key with its own login prompt
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+MAX_STOP_CHARS = 512  # each stop string is searched for after every token
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ServerSettings:
     allow_remote_images: bool = False
     remote_image_max_bytes: int = 20 * 1024 * 1024
     remote_image_timeout: float = 10.0
+    image_decode_slots: int = 2  # images decoded at once: each full-size decode may take ~0.5 GB
+    allowed_hosts: tuple[str, ...] | None = None  # Host header values answered (None: any); see --allowed-hosts
     max_batch: int = 8
     max_queue: int = 64
     max_len: int | None = None
@@ -71,6 +77,10 @@ class ServerSettings:
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
+        # a client's text quoted in the message may hold lone surrogates ("\ud800" is valid JSON), which
+        # have no UTF-8 encoding: shown escaped, so the answer can always be sent
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8") if param else param
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -129,12 +139,22 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
     return ApiError(400, message, param=param, code=code)
 
 
+def _show(value, limit: int = 50) -> str:
+    """A client's value, shortened, for an error message (whatever its depth or size)."""
+    if isinstance(value, (list, dict)) and len(value) > limit:
+        return f"a {type(value).__name__} of {len(value)} items"
+    try:
+        return json.dumps(value, ensure_ascii=False)[:limit]
+    except (ValueError, TypeError, RecursionError):
+        return type(value).__name__
+
+
 def _number(body, name, low, high, default=None, low_open=False):
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise _bad(f"'{name}' must be a number, got {json.dumps(value)[:50]}", name, "invalid_type")
+        raise _bad(f"'{name}' must be a number, got {_show(value)}", name, "invalid_type")
     if value < low or value > high or (low_open and value == low):
         raise _bad(f"'{name}' must be in {'(' if low_open else '['}{low}, {high}], got {value}", name, "invalid_value")
     return float(value)
@@ -145,7 +165,7 @@ def _integer(body, name, low, high, default=None):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"'{name}' must be an integer, got {json.dumps(value)[:50]}", name, "invalid_type")
+        raise _bad(f"'{name}' must be an integer, got {_show(value)}", name, "invalid_type")
     if not low <= value <= high:
         raise _bad(f"'{name}' must be between {low} and {high}, got {value}", name, "invalid_value")
     return value
@@ -173,7 +193,7 @@ def parse_chat_request(body, *, model_name: str, defaults: dict, context: int, d
                      ("response_format", lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1)):
         value = body.get(name)
         if value is not None and not ok(value):
-            raise _bad(f"'{name}' = {json.dumps(value)[:80]} is not supported by this server", name, "unsupported_parameter")
+            raise _bad(f"'{name}' = {_show(value, 80)} is not supported by this server", name, "unsupported_parameter")
 
     stream = body.get("stream", False)
     if stream is None:
@@ -211,16 +231,21 @@ def parse_chat_request(body, *, model_name: str, defaults: dict, context: int, d
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise _bad("'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop", "invalid_value")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise _bad(f"each 'stop' string may have at most {MAX_STOP_CHARS} characters", "stop", "invalid_value")
 
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0,
                               temperature=temperature if temperature > 0 else 1.0, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, seed=seed, stop_strings=stop)
-    return ChatRequest(_parse_messages(body.get("messages")), config, stream, include_usage, ignore_eos)
+    return ChatRequest(_parse_messages(body.get("messages"), context), config, stream, include_usage, ignore_eos)
 
 
-def _parse_messages(messages) -> list[dict]:
+def _parse_messages(messages, context: int) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages", "invalid_value")
+    if len(messages) > context:  # each message takes tokens: more than the context can never fit
+        raise ApiError(400, f"{len(messages):,} messages: more than the model's context of {context:,} tokens can hold",
+                       param="messages", code="context_length_exceeded")
     parsed = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -234,9 +259,9 @@ def _parse_messages(messages) -> list[dict]:
         if not isinstance(message.get("name", ""), str):
             raise _bad(f"{where}.name must be a string", f"{where}.name", "invalid_type")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             supported = ", ".join(_ROLES)
-            raise _bad(f"{where}.role must be one of {supported}; got {json.dumps(role)[:40]}", f"{where}.role",
+            raise _bad(f"{where}.role must be one of {supported}; got {_show(role, 40)}", f"{where}.role",
                        "invalid_value")
         role = _ROLES[role]
         content = message.get("content")
@@ -296,10 +321,24 @@ def image_bytes(url: str, settings: ServerSettings, where: str) -> bytes:
     return fetch_remote_image(url, settings.remote_image_max_bytes, settings.remote_image_timeout, where)
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
 def _public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """True for a globally routable unicast address; IPv6 forms that carry an IPv4 address (mapped,
+    compatible, 6to4, NAT64) are judged by that address: 64:ff9b::10.0.0.1 reaches 10.0.0.1."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and (int(ip) >> 32 == 0 or any(ip in net for net in _NAT64)):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return _public_address(str(inner))
+        if ip.is_site_local:
+            return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -311,7 +350,11 @@ def fetch_remote_image(url: str, max_bytes: int, timeout: float, where: str = "i
     """
     deadline = time.monotonic() + timeout
     for _ in range(redirects + 1):
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError as e:
+            raise _bad(f"{where}: malformed image URL ({e})", where, "invalid_image_url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _bad(f"{where}: only http(s) image URLs with a host are allowed", where, "invalid_image_url")
         host = parts.hostname
@@ -355,7 +398,7 @@ def fetch_remote_image(url: str, max_bytes: int, timeout: float, where: str = "i
                 if time.monotonic() > deadline:
                     raise socket.timeout()
             return bytes(data)
-        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+        except (OSError, ValueError, http.client.HTTPException, ssl.SSLError) as e:  # ValueError: a bad path
             reason = "timed out" if isinstance(e, socket.timeout) or time.monotonic() > deadline else str(e)
             raise ApiError(422, f"{where}: fetching the image failed ({reason}; limit {timeout:g} s)", param=where,
                            code="image_fetch_failed") from None
@@ -383,39 +426,89 @@ class _PinnedHTTPS(_PinnedHTTP):
         self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
 
 
-def build_conversation(chat: ChatRequest, settings: ServerSettings, tokenizer):
-    """Resolve the images and tokenize; returns (ids, picture or None, image digest or None)."""
-    conversation, picture, key = [], None, None
-    for message in chat.messages:
-        entry = {"role": message["role"], "content": message["content"]}
-        for where, url in message["images"]:
+class ConversationBuilder:
+    """A validated ``ChatRequest`` -> (prompt ids, picture or None, image key or None), in a worker thread.
+
+    Bounded before anything costly runs: a conversation whose text cannot fit the context (from its
+    byte count: no token is longer than the vocabulary's longest) is refused without tokenizing it,
+    and at most ``image_decode_slots`` images are decoded at once. The picture handed on is the
+    model-size resize (what the vision encoder sees, identical pixels), not the full-size upload: a
+    queue of waiting requests then holds a few MB each, not hundreds.
+    """
+
+    def __init__(self, pipe, settings: ServerSettings, context: int):
+        self.tokenizer = pipe.tokenizer
+        self.processor = pipe.image_processor
+        self.settings = settings
+        self.context = context
+        self.image_slots = pipe.config.num_image_tokens + 2
+        vocab = self.tokenizer.vocab_size
+        self.max_token_bytes = max(len(self.tokenizer.token_bytes(i)) for i in range(vocab)) or 1
+        self._decoding = threading.BoundedSemaphore(max(1, settings.image_decode_slots))
+
+    def __call__(self, chat: ChatRequest):
+        self._check_size(chat)
+        conversation, picture, key = [], None, None
+        for message in chat.messages:
+            entry = {"role": message["role"], "content": message["content"]}
+            for where, url in message["images"]:
+                resized = self._load(url, where)
+                digest = image_digest(resized)
+                if key is None:
+                    picture, key = resized, digest
+                    entry["image"] = resized
+                elif digest != key:
+                    # clients often resend the same picture every turn: that one is kept once
+                    raise ApiError(422, f"{where}: this model takes one image per conversation, and this is a "
+                                   "second, different one; start a new conversation for a new image", param=where,
+                                   code="too_many_images")
+            conversation.append(entry)
+        ids, _ = self.tokenizer.encode_chat(conversation)
+        return ids, picture, key
+
+    def _load(self, url: str, where: str):
+        data = image_bytes(url, self.settings, where)
+        with self._decoding:
             try:
-                loaded = load_image(image_bytes(url, settings, where))
+                return self.processor.resize(load_image(data))
             except ImageError as e:
                 raise ApiError(422, f"{where}: {e}", param=where, code="invalid_image") from None
-            digest = image_digest(loaded)
-            if key is None:
-                picture, key = loaded, digest
-                entry["image"] = loaded
-            elif digest != key:
-                # clients often resend the same picture every turn: that one is kept once
-                raise ApiError(422, f"{where}: this model takes one image per conversation, and this is a second, "
-                               "different one; start a new conversation for a new image", param=where,
-                               code="too_many_images")
-        conversation.append(entry)
-    ids, _ = tokenizer.encode_chat(conversation)
-    return ids, picture, key
+
+    def _check_size(self, chat: ChatRequest) -> None:
+        text_bytes, least = 0, 3  # [gMASK] <sop> ... <|assistant|>
+        for message in chat.messages:
+            if message["content"] or message["images"]:
+                size = len(message["content"].encode("utf-8", "surrogatepass"))
+                text_bytes += size
+                least += 2 + -(-size // self.max_token_bytes)  # <|role|> "\n" and the content
+        if any(m["images"] for m in chat.messages):
+            least += self.image_slots
+        if least >= self.context:
+            raise ContextLengthError(
+                f"the messages hold {text_bytes:,} bytes of text, at least {least:,} tokens, which leaves no room in "
+                f"the model's context of {self.context:,} tokens; shorten the conversation")
 
 
 # ------------------------------------------------------------------------------------------------
 # the app
 
 class _Guard:
-    """ASGI middleware: the API key (constant-time check) and security headers on every answer."""
+    """ASGI middleware in front of every route: the Host allow-list, the API key, security headers.
 
-    def __init__(self, app, api_key: str | None):
+    With a key, every path but /health needs it, either as ``Authorization: Bearer KEY`` (API
+    clients) or as the password of HTTP Basic auth, any user name: a browser opening the chat page
+    gets its own login prompt (the page's paths answer 401 with a Basic challenge), and then sends
+    the same credentials with the page's API calls. The key is compared in constant time: both
+    sides are hashed first, so neither the content nor the length of the key leaks through timing.
+
+    The Host check stops DNS rebinding: a web page whose name an attacker re-points to 127.0.0.1
+    reaches a loopback server from the victim's browser as same-origin, but still sends its own name.
+    """
+
+    def __init__(self, app, api_key: str | None, allowed_hosts=None):
         self.app = app
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts} if allowed_hosts else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -429,20 +522,55 @@ class _Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
-        path = scope.get("path", "")
-        if self.key_digest is not None and path not in PUBLIC_PATHS and not path.startswith("/static/"):
-            header = dict(scope.get("headers", [])).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            # hashing first makes the comparison independent of the key's length as well
-            ok = hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.key_digest)
-            if scheme.lower() != b"bearer" or not ok:
-                from starlette.responses import JSONResponse
+        async def refuse(error: ApiError, challenge: str | None = None):
+            from starlette.responses import JSONResponse
 
-                error = ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key")
-                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send_with_headers)
+            headers = {"WWW-Authenticate": challenge} if challenge else None
+            response = JSONResponse(error.body(), status_code=error.status, headers=headers)
+            return await response(scope, receive, send_with_headers)
+
+        headers = dict(scope.get("headers", []))
+        if self.allowed_hosts is not None:
+            host = _host_name(headers.get(b"host", b""))
+            if host is not None and host not in self.allowed_hosts:
+                return await refuse(ApiError(400, f"this server does not answer to the host name {host[:100]!r} "
+                                             "(start it with --allowed-hosts to add names)", code="invalid_host"))
+        path = scope.get("path", "")
+        needs_key = self.key_digest is not None and path not in PUBLIC_PATHS
+        if needs_key and not self._authorized(headers.get(b"authorization", b"")):
+            if path in PAGE_PATHS or path.startswith("/static/"):
+                return await refuse(ApiError(401, "This server needs its API key: log in with any user name and "
+                                             "the key as the password", code="invalid_api_key"),
+                                    'Basic realm="glm4v", charset="UTF-8"')
+            return await refuse(ApiError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer "
+                                         "<key>'", code="invalid_api_key"), "Bearer")
         return await self.app(scope, receive, send_with_headers)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, credential = header.partition(b" ")
+        scheme, credential = scheme.lower(), credential.strip()
+        if scheme == b"basic":
+            try:
+                credential = base64.b64decode(credential, validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                credential = b""
+        # compared whatever the scheme, so a refusal takes as long as an acceptance
+        match = hmac.compare_digest(hashlib.sha256(credential).digest(), self.key_digest)
+        return match and scheme in (b"bearer", b"basic")
+
+
+def _host_name(header: bytes) -> str | None:
+    """The name in a Host header, without its port ('[::1]:8000' -> '::1'); None when absent or unreadable."""
+    try:
+        host = header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return "?"
+    if not host:
+        return None
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
 
 
 def create_app(pipe, settings: ServerSettings | None = None, scheduler: Scheduler | None = None):
@@ -462,6 +590,13 @@ def create_app(pipe, settings: ServerSettings | None = None, scheduler: Schedule
                               prefill_chunk=settings.prefill_chunk, prefix_cache_bytes=settings.prefix_cache_bytes,
                               start=False)
     created = int(time.time())
+    build = ConversationBuilder(pipe, settings, scheduler.context)
+
+    def prepare(raw: bytes):
+        """Body bytes -> (ChatRequest, ids, picture, image key); CPU-bound, so off the event loop."""
+        chat = parse_chat_request(parse_json(raw), model_name=settings.model_name, defaults=pipe.generation_defaults,
+                                  context=scheduler.context, default_max_tokens=settings.default_max_tokens)
+        return (chat, *build(chat))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -500,8 +635,9 @@ def create_app(pipe, settings: ServerSettings | None = None, scheduler: Schedule
     @app.get("/health")
     async def health():
         stats = scheduler.snapshot()
-        return {"status": "ok", "model": settings.model_name,
+        body = {"status": "ok" if scheduler.running else "engine stopped", "model": settings.model_name,
                 **{k: stats[k] for k in ("active", "queued", "max_batch", "max_queue")}}
+        return JSONResponse(body, status_code=200 if scheduler.running else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -515,11 +651,15 @@ def create_app(pipe, settings: ServerSettings | None = None, scheduler: Schedule
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
-        body = await _read_json(http, settings)
-        chat = parse_chat_request(body, model_name=settings.model_name, defaults=pipe.generation_defaults,
-                                  context=scheduler.context, default_max_tokens=settings.default_max_tokens)
+        media_type = http.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            # a browser sends a cross-site POST without asking first only as a form or text/plain;
+            # JSON needs a CORS preflight, which this server never grants
+            raise ApiError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                           f"(got {media_type[:60] or 'none'})", code="unsupported_media_type")
+        raw = await _read_body(http, settings)
         try:
-            ids, picture, key = await run_in_threadpool(build_conversation, chat, settings, pipe.tokenizer)
+            chat, ids, picture, key = await run_in_threadpool(prepare, raw)
         except Exception as e:  # noqa: BLE001 - mapped to a 4xx by kind
             raise api_error(e) from None
         loop = asyncio.get_running_loop()
@@ -607,7 +747,7 @@ def create_app(pipe, settings: ServerSettings | None = None, scheduler: Schedule
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_Guard, api_key=settings.api_key)
+    app.add_middleware(_Guard, api_key=settings.api_key, allowed_hosts=settings.allowed_hosts)
     return app
 
 
@@ -625,7 +765,7 @@ def _usage(request: Request) -> dict:
             "prompt_tokens_details": {"cached_tokens": request.cached_tokens}}
 
 
-async def _read_json(http, settings: ServerSettings):
+async def _read_body(http, settings: ServerSettings) -> bytes:
     limit = settings.max_body_bytes
     declared = http.headers.get("content-length", "")
     too_large = ApiError(413, f"the request body is larger than the limit of {limit:,} bytes (--max-body-mb)",
@@ -645,17 +785,25 @@ async def _read_json(http, settings: ServerSettings):
     try:
         await asyncio.wait_for(receive_all(), settings.body_timeout)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} s",
+        raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} s (--body-timeout)",
                        "timeout_error", code="body_timeout") from None
     except Exception:  # noqa: BLE001 - the client went away while sending
         raise ApiError(400, "the request body could not be read") from None
     if size > limit:
         raise too_large
+    return bytes(body)
+
+
+def parse_json(raw: bytes):
+    """The request body as JSON: strict UTF-8 (RFC 8259), no NaN/Infinity, bounded nesting."""
     try:
-        return json.loads(bytes(body), parse_constant=_no_constants)
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except RecursionError:
         raise _bad("the JSON body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise _bad(f"the request body is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                   code="invalid_json") from None
+    except ValueError as e:
         raise _bad(f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
 
 
@@ -673,8 +821,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
+                        help="require the key on every path but /health, as 'Authorization: Bearer KEY' or as the "
+                             "HTTP Basic password (the browser's login prompt for the page) "
                              "(default: $GLM4V_API_KEY; unset = no key)")
+    parser.add_argument("--allowed-hosts", default=None,
+                        help="comma-separated host names the server answers to (the Host header; stops DNS "
+                             "rebinding); '*' = any. Default: localhost,127.0.0.1,::1 when --host is a loopback "
+                             "address, else any")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: the folder name)")
     parser.add_argument("--max-batch", type=int, default=8, help="conversations decoded together (batch rows)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 429")
@@ -687,17 +840,33 @@ def add_arguments(parser) -> None:
                         help="answer length when a request gives none (default: generation_config.json or 1024)")
     parser.add_argument("--max-body-mb", type=float, default=32, help="largest request body accepted (413 above)")
     parser.add_argument("--request-timeout", type=float, default=900, help="seconds a request may take (0 = no limit)")
+    parser.add_argument("--body-timeout", type=float, default=60, help="seconds a client may take to send its request body")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (public addresses only, with size and time limits)")
     parser.add_argument("--remote-image-max-mb", type=float, default=20)
     parser.add_argument("--remote-image-timeout", type=float, default=10)
+    parser.add_argument("--image-decode-slots", type=int, default=2,
+                        help="uploaded images decoded at the same time (each may take ~0.5 GB while decoding)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def allowed_hosts(flag: str | None, listen: str) -> tuple[str, ...] | None:
+    """--allowed-hosts: the names given; by default the loopback names for a loopback server, else any."""
+    if flag is None:
+        return LOOPBACK_HOSTS if listen in LOOPBACK_HOSTS else None
+    names = tuple(h.strip().lower() for h in flag.split(",") if h.strip())
+    return None if "*" in names or not names else names
 
 
 def settings_from_args(args, pipe) -> ServerSettings:
     for name in ("max_batch", "port"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.image_decode_slots < 1:
+        raise InputError("--image-decode-slots must be at least 1")
+    if args.remote_image_max_mb <= 0 or args.remote_image_timeout <= 0 or args.body_timeout <= 0 \
+            or (args.max_tokens is not None and args.max_tokens < 1):
+        raise InputError("--remote-image-max-mb, --remote-image-timeout, --body-timeout and --max-tokens must be positive")
     if args.max_queue < 0 or args.max_body_mb <= 0 or args.request_timeout < 0 or args.prefix_cache_mb < 0:
         raise InputError("--max-queue, --max-body-mb, --request-timeout and --prefix-cache-mb must not be negative")
     from glm4v.engine import EMBEDDED_MODEL
@@ -707,9 +876,11 @@ def settings_from_args(args, pipe) -> ServerSettings:
     return ServerSettings(
         model_name=name, api_key=args.api_key or os.environ.get("GLM4V_API_KEY") or None,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), request_timeout=args.request_timeout,
+        body_timeout=args.body_timeout,
         default_max_tokens=args.max_tokens or pipe.generation_defaults.get("max_new_tokens", 1024),
         allow_remote_images=args.allow_remote_images,
         remote_image_max_bytes=int(args.remote_image_max_mb * 1024 * 1024), remote_image_timeout=args.remote_image_timeout,
+        image_decode_slots=args.image_decode_slots, allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
         max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
         prefix_cache_bytes=int(args.prefix_cache_mb * 1024 * 1024))
 

@@ -193,13 +193,13 @@ class GLM4Tokenizer:
     def encode(self, text, add_special_tokens=True):
         """Like the official ``encode``: special-token strings in ``text`` become special ids."""
         _check_text(text)
-        ids = self._enc.encode(text, allowed_special="all")
+        ids = _bpe(self._enc.encode, text, allowed_special="all")
         return self._prefix + ids if add_special_tokens else ids
 
     def encode_plain(self, text):
         """Raw BPE: special-token strings are encoded as ordinary text (used for message contents)."""
         _check_text(text)
-        return self._enc.encode_ordinary(text)
+        return _bpe(self._enc.encode_ordinary, text)
 
     def decode(self, ids, skip_special_tokens=False):
         """Like the official ``decode``: special tokens and byte runs of regular tokens, joined by spaces."""
@@ -338,6 +338,18 @@ class GLM4Tokenizer:
             if content or image is not None:
                 text += f"<|{role}|>{metadata}\n{content}"
         return text + ("<|assistant|>" if add_generation_prompt else "")
+
+
+def _bpe(encode, text, **kwargs):
+    try:
+        return encode(text, **kwargs)
+    except BaseException as e:
+        # tiktoken's Rust code panics (pyo3's PanicException, a BaseException) when its regex gives
+        # up, e.g. on a run of about a million whitespace characters
+        if type(e).__name__ != "PanicException":
+            raise
+        raise InputError(f"the text ({len(text):,} characters) cannot be tokenized: the tokenizer gave up on it "
+                         "(e.g. on a run of a million whitespace characters); shorten it") from None
 
 
 def _check_text(text):

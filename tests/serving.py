@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -48,3 +49,22 @@ def running_server(pipe, **settings):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def openai_error(response) -> dict:
+    """The error object of a 4xx answer, checked to be in the OpenAI shape."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def budget(config, env: str, default: int, slow: int) -> int:
+    """How many iterations a fuzz or load test runs: $env if set, else `slow` with --runslow, else `default`.
+
+    The default keeps the test inside the CI budget; the longer runs are for a quiet machine.
+    """
+    if os.environ.get(env):
+        return int(os.environ[env])
+    return slow if config.getoption("--runslow") else default

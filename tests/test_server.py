@@ -213,7 +213,7 @@ def test_the_openai_client_sees_typed_errors(client):
         ask(client, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
 
 
-def test_api_key_protects_everything_but_health_and_the_page(pipe):
+def test_api_key_protects_everything_but_health(pipe):
     with running_server(pipe, api_key="s3cret") as (url, _):
         for key in ("wrong", "s3cret-but-longer", "s3cre"):
             bad = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
@@ -227,7 +227,9 @@ def test_api_key_protects_everything_but_health_and_the_page(pipe):
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert ask(good, [{"role": "user", "content": "hi"}], max_tokens=2).usage.completion_tokens >= 1
         assert httpx.get(url + "/health").status_code == 200
-        assert httpx.get(url + "/").status_code == 200
+        page = httpx.get(url + "/")  # the page too: the browser shows its login prompt (tests/test_security.py)
+        assert page.status_code == 401 and page.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(url + "/", auth=("anyone", "s3cret")).status_code == 200
 
 
 def test_body_limit_queue_limit_timeout_and_disconnect(pipe):
