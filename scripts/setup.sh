@@ -14,3 +14,5 @@ if [ "${GLM4V_KEEP_TORCH:-0}" != "1" ] && ! python -c "import torch" >/dev/null 
   python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -e ".[${extras}]"
+# Build the optional C++ decode kernels now rather than at the first chat (never fatal).
+python -m glm4v.kernels || true

@@ -17,7 +17,7 @@ from torch import nn
 
 from glm4v.config import GLM4VConfig
 from glm4v.errors import ConversationError
-from glm4v.model.language import GLMTransformer, KVCache, build_step, rope_table
+from glm4v.model.language import GLMTransformer, KVCache, Linear, build_step, rope_table
 from glm4v.model.vision import EVA2CLIPModel
 
 
@@ -58,7 +58,7 @@ class ChatGLMTransformer(nn.Module):
         self.embedding = Embedding(config)
         self.rotary_pos_emb = RotaryBuffer(config)
         self.encoder = GLMTransformer(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.vision = EVA2CLIPModel(config)
 
 

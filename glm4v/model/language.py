@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
+from glm4v.kernels import bf16_linear
 
 
 class RMSNorm(nn.Module):
@@ -155,6 +156,18 @@ def build_step(
     return StepContext(rope_rows, mask, False, cache, slots, key_len, first_slot)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose decode-sized bf16 products on a CPU go to glm4v.kernels.
+
+    Same parameters and math; only the kernel differs (torch's bf16 GEMV streams weights at a
+    fraction of the memory bandwidth). Training, prefill and other dtypes use F.linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = bf16_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) if out is None else out
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GLM4VConfig):
         super().__init__()
@@ -162,8 +175,8 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.add_qkv_bias)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+        self.query_key_value = Linear(config.hidden_size, qkv_out, bias=config.add_qkv_bias)
+        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor, step: StepContext, layer: int) -> torch.Tensor:
         B, L, _ = x.shape
@@ -216,8 +229,8 @@ class MLP(nn.Module):
     def __init__(self, config: GLM4VConfig):
         super().__init__()
         # One projection produces [gate | up]; SwiGLU multiplies silu(gate) with up.
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)

@@ -1,0 +1,80 @@
+"""Optional C++ kernels for CPU decoding, compiled on first use.
+
+glm4v runs without them: when the CPU lacks AVX512-BF16, no compiler is found, the build fails,
+or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
+kernels. A build takes ~30 s once and is cached per source and torch version under
+``$GLM4V_KERNEL_CACHE`` (default ``~/.cache/glm4v/kernels``). Every build is checked against
+torch on random data before it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+# Above this many token rows a decode kernel loses to torch's matmul (and the kernel takes 4 at most).
+MAX_ROWS = 4
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernels():
+    """The compiled kernel module, or None when it cannot be used here (see the module docstring)."""
+    if os.environ.get("GLM4V_NO_KERNELS", "") not in ("", "0") or not cpu_has_avx512_bf16():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("GLM4V_KERNEL_CACHE", Path.home() / ".cache" / "glm4v" / "kernels")) / digest
+        cache.mkdir(parents=True, exist_ok=True)
+        module = load(name=f"glm4v_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                      extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
+        _self_check(module)
+        return module
+    except Exception as e:  # a missing compiler, ninja or header must never break glm4v
+        warnings.warn(f"glm4v: CPU decode kernels unavailable, using torch's ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+
+
+def _self_check(module) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for rows, n, k in ((1, 67, 200), (4, 64, 4096)):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        got = module.bf16_gemv(x, w).float()
+        want = x.float() @ w.float().t()
+        if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+            raise RuntimeError("self-check against torch failed")
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) with the decode kernel, or None when the kernel does not apply."""
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or not weight.is_contiguous() or torch.is_grad_enabled() and weight.requires_grad):
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_ROWS or rows == 0:
+        return None
+    module = cpu_kernels()
+    if module is None:
+        return None
+    out = module.bf16_gemv(x.reshape(rows, x.shape[-1]), weight)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
