@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
+from glm4v.engine import add_model_arguments
 from glm4v.errors import Glm4vError, InputError
 from glm4v.generate import GenerationConfig
 from glm4v.image import load_image
@@ -38,9 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("-i", "--interactive", action="store_true",
                         help="stay in the conversation after the first answer, even when stdin is not a terminal")
-    parser.add_argument("--model", default=None, help="model folder in the official layout (default: the embedded model)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (config.json's torch_dtype)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    add_model_arguments(parser)
     gen = parser.add_argument_group("generation (defaults: the model folder's generation_config.json)")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="longest answer in tokens (default 1024)")
     gen.add_argument("--temperature", type=float, default=None, help="0 = greedy (deterministic)")
@@ -171,7 +170,7 @@ def interactive(session: ChatSession, stdin=None) -> int:
 
 
 def run(args) -> int:
-    from glm4v.engine import load
+    from glm4v.engine import load_from_args
 
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # a stray non-UTF-8 byte must not end the session
@@ -181,7 +180,7 @@ def run(args) -> int:
         if not prompt:
             raise InputError("no prompt: give it as an argument, pipe it on stdin, or run without one in a terminal")
     generation_settings(args, {})  # a bad flag is reported before a large model loads
-    pipe = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    pipe = load_from_args(args, progress=sys.stderr.isatty())
     session = ChatSession(pipe, generation_settings(args, pipe.generation_defaults), image=args.image, system=args.system)
     try:
         if prompt is not None:

@@ -163,7 +163,7 @@ class Pipeline:
 
 
 def load(path=None, dtype="float32", device="cpu", progress: bool = False, quantize=None,
-         group_size: int = 128) -> Pipeline:
+         group_size: int = 128, lora=None, merge_lora: bool = True) -> Pipeline:
     """Load a GLM-4V folder in the official layout (config.json, safetensors shards, tokenizer files).
 
     ``path=None`` loads the small model shipped inside the package. ``quantize="int8"|"int4"``
@@ -198,9 +198,30 @@ def load(path=None, dtype="float32", device="cpu", progress: bool = False, quant
     model.rope = rope_table(config, torch_device)
     if model.transformer.rotary_pos_emb.inv_freq.is_meta:  # checkpoints without the unused inv_freq
         model.transformer.rotary_pos_emb = RotaryBuffer(config).to(torch_device)
+    if lora is not None:  # a LoRA adapter folder (glm4v/train/lora.py), merged unless merge_lora=False
+        from glm4v.train.lora import attach_adapter
+
+        attach_adapter(model, lora, merge=merge_lora, quantized=quantizer is not None)
     model.eval()
     model.requires_grad_(False)
     return Pipeline(model, tokenizer, folder, read_generation_defaults(folder))
+
+
+def add_model_arguments(parser, default_device: str | None = "cpu") -> None:
+    """The flags every command that loads a model shares (chat, serve, eval)."""
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="model folder in the official layout (default: the embedded model)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (config.json's torch_dtype)")
+    parser.add_argument("--device", default=default_device, help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="weight-only quantisation while loading (a GLM-4V-9B in bf16 needs 28 GB; int8 ~15, int4 ~9)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128 or 256)")
+    parser.add_argument("--lora", default=None, metavar="DIR", help="a LoRA adapter folder (glm4v train --lora) to apply")
+
+
+def load_from_args(args, progress: bool = False) -> "Pipeline":
+    return load(args.model, dtype=args.dtype, device=args.device or "cpu", progress=progress,
+                quantize=args.quantize, group_size=args.group_size, lora=args.lora)
 
 
 def check_tokenizer_matches(config: GLM4VConfig, tokenizer: GLM4Tokenizer, folder: Path) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from starlette.requests import Request as HttpRequest
 
+from glm4v.engine import add_model_arguments
 from glm4v.errors import ContextLengthError, ConversationError, Glm4vError, ImageError, InputError
 from glm4v.generate import GenerationConfig
 from glm4v.image import image_digest, load_image
@@ -815,9 +816,7 @@ def _no_constants(name):
 # command line
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="model folder in the official layout (default: the embedded model)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (config.json's torch_dtype)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
@@ -890,9 +889,9 @@ def run(args) -> int:
 
     import uvicorn
 
-    from glm4v.engine import load
+    from glm4v.engine import load_from_args
 
-    pipe = load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    pipe = load_from_args(args, progress=sys.stderr.isatty())
     settings = settings_from_args(args, pipe)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the model",

@@ -145,3 +145,16 @@ def test_bad_flags_images_and_prompts_exit_1_with_a_message(capsys, monkeypatch)
     assert "top_p" in capsys.readouterr().err
     assert cli.main(["chat", "--model", str(TINY_DIR), "--image", "/no/such.png", "hi"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_quantize_flag_loads_an_int8_model():
+    from glm4v.quant import QuantizedLinear
+
+    parser = cli.build_parser()[0]
+    args = parser.parse_args(["chat", "--model", str(TINY_DIR), "--quantize", "int8", "hi"])
+    from glm4v.engine import load_from_args
+
+    pipe = load_from_args(args)
+    assert isinstance(pipe.model.transformer.encoder.layers[0].mlp.dense_h_to_4h, QuantizedLinear)
+    result = run_cli(["--quantize", "int8", "--temperature", "0", "--max-new-tokens", "4", "hi"])
+    assert result.returncode == 0, result.stderr

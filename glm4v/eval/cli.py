@@ -16,6 +16,7 @@ import functools
 import importlib
 from pathlib import Path
 
+from glm4v.engine import add_model_arguments
 from glm4v.errors import Glm4vError, InputError
 from glm4v.eval import multiple_choice, ocrbench, yes_no
 from glm4v.eval.runner import Benchmark, Generator, run_benchmark
@@ -78,10 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, metavar="FILE", help="the benchmark's VLMEvalKit .tsv file")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="model folder in the official layout (default: the embedded model)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; default)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_model_arguments(p, default_device=None)  # None: cuda when available
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="questions generated together (default 4)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only the first N questions (MMBench: question groups; MME: pictures)")
@@ -101,15 +99,21 @@ class LazyGenerator:
 
     def __call__(self, items):
         if self.generator is None:
-            import glm4v
+            from glm4v.engine import load_from_args
 
-            pipe = glm4v.load(self.args.model, dtype=self.args.dtype, device=self.args.device)
+            pipe = load_from_args(self.args)
             self.generator = Generator(pipe, max_new_tokens=self.args.max_new_tokens)
         return self.generator(items)
 
 
-def model_identity(model) -> str:
-    return "embedded" if model is None else str(Path(model).resolve())
+def model_identity(args) -> str:
+    """What a prediction cache belongs to: answers of another model, quantisation or adapter differ."""
+    identity = "embedded" if args.model is None else str(Path(args.model).resolve())
+    if args.quantize:
+        identity += f"+{args.quantize}" + (f"-g{args.group_size}" if args.quantize == "int4" else "")
+    if args.lora:
+        identity += f"+lora:{Path(args.lora).resolve()}"
+    return identity
 
 
 def run(args) -> int:
@@ -141,6 +145,6 @@ def run(args) -> int:
                 "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
     if name == "mmbench":
         settings["circular"] = args.circular
-    run_benchmark(benchmark, args.data, LazyGenerator(args), output_dir=output_dir, model_id=model_identity(args.model),
+    run_benchmark(benchmark, args.data, LazyGenerator(args), output_dir=output_dir, model_id=model_identity(args),
                   batch_size=args.batch_size, limit=args.limit, settings=settings, progress=not args.no_progress)
     return 0
