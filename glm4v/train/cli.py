@@ -1,0 +1,237 @@
+"""``glm4v train``: from scratch (a recipe or a config), or fine-tune a checkpoint, fully or with LoRA.
+
+    glm4v train --recipe embedded                       # the shipped model, data and all
+    glm4v train --config cfg.json --tokenizer DIR --data train.jsonl --val-data val.jsonl --out runs/x
+    glm4v train --init /models/glm-4v-9b --lora --data mine.jsonl --out runs/lora --dtype bfloat16 --autocast
+    glm4v train ... --resume                            # continue after a crash or a kill
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from glm4v.errors import InputError
+from glm4v.train.trainer import MODEL_FILES, TrainConfig
+
+DEFAULTS = TrainConfig(out_dir="", train_data="")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("what to train")
+    src.add_argument("--recipe", default=None, help="a named recipe: 'embedded' (the shipped model) or 'smoke'")
+    src.add_argument("--config", default=None, help="config.json of a model to train from scratch")
+    src.add_argument("--tokenizer", default=None, help="folder with tokenizer.model + tokenizer_config.json (with --config)")
+    src.add_argument("--init", default=None, help="model folder to fine-tune (official layout; the 9B included)")
+    src.add_argument("--dtype", default="float32", help="weight dtype of --init (bfloat16 halves the memory of a frozen base)")
+    src.add_argument("--freeze-vision", action="store_true", help="freeze the ViT (the conv + GLU adapter still train); with --lora: no adapters in the vision tower")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, help="training JSONL (official format: {\"messages\": [...]})")
+    data.add_argument("--val-data", default=None, help="validation JSONL")
+    data.add_argument("--out", default=None, help="output folder (checkpoints, logs, final model)")
+    data.add_argument("--export", default=None, help="also write the final model here (e.g. glm4v/assets/embedded)")
+    data.add_argument("--max-length", type=int, default=None, help="truncate conversations to this many tokens")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    lora.add_argument("--lora-rank", type=int, default=8)
+    lora.add_argument("--lora-alpha", type=float, default=32.0)
+    lora.add_argument("--lora-dropout", type=float, default=0.1)
+    lora.add_argument("--lora-target", nargs="+", default=["query_key_value"],
+                      help="module names to adapt (suffix match, as PEFT); add linear_proj for the vision adapter")
+    lora.add_argument("--merge", action="store_true", help="export the model with the adapter merged into the weights")
+
+    hp = parser.add_argument_group("optimisation")
+    hp.add_argument("--steps", type=int, default=None)
+    hp.add_argument("--batch-size", type=int, default=None)
+    hp.add_argument("--grad-accum", type=int, default=None)
+    hp.add_argument("--lr", type=float, default=None)
+    hp.add_argument("--min-lr-ratio", type=float, default=None)
+    hp.add_argument("--warmup-steps", type=int, default=None)
+    hp.add_argument("--weight-decay", type=float, default=None)
+    hp.add_argument("--grad-clip", type=float, default=None)
+    hp.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
+    hp.add_argument("--eval-every", type=int, default=None)
+    hp.add_argument("--save-every", type=int, default=None)
+    hp.add_argument("--val-generate", type=int, default=None, help="validation conversations answered for accuracy")
+    hp.add_argument("--seed", type=int, default=None)
+    hp.add_argument("--vision-lr-scale", type=float, default=None, help="learning-rate factor of the vision encoder")
+    hp.add_argument("--group-by-length", type=int, default=None, metavar="K",
+                    help="batch conversations of similar length (windows of K batches; 0 = random batches)")
+    hp.add_argument("--warmup-data", default=None, help="JSONL whose batches come first (a curriculum)")
+    hp.add_argument("--warmup-data-steps", type=int, default=None, help="how many steps use --warmup-data")
+    hp.add_argument("--vision-freeze-steps", type=int, default=None,
+                    help="keep the vision tower and adapter at their initial weights for this many steps")
+    hp.add_argument("--save-dtype", default=None, help="dtype of the exported model (bfloat16, float32)")
+    hp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    hp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def _train_config(args, **base) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in base.items() if k in names}
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    cfg = TrainConfig(**values)
+    for key in ("steps", "batch_size", "grad_accum"):
+        if getattr(cfg, key) < 1:
+            raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr must be > 0, got {cfg.lr}")
+    return cfg
+
+
+def _dtype(name: str) -> torch.dtype:
+    from glm4v.engine import resolve_dtype
+
+    return resolve_dtype(name)
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chosen = [flag for flag in ("recipe", "config", "init") if getattr(args, flag)]
+    if len(chosen) != 1:
+        raise InputError("choose exactly one of --recipe, --config (from scratch) or --init (fine-tune)")
+    if args.recipe:
+        return run_recipe(args)
+    if not args.data or not args.out:
+        raise InputError("--data and --out are required with --config / --init")
+    return run_custom(args)
+
+
+def run_recipe(args) -> int:
+    from glm4v.train.recipes import default_tokenizer_source, get_recipe, write_model_folder
+    from glm4v.train.synth import write_dataset
+    from glm4v.train.trainer import Trainer, check_resume_config, new_model
+
+    recipe = get_recipe(args.recipe)
+    torch.set_num_threads(args.threads or recipe.threads)
+    out = Path(args.out or f"runs/{recipe.name}")
+    data_dir = out / "data"
+    started = time.perf_counter()
+    marker = data_dir / "synth.json"
+    wanted = {"seed": recipe.data_seed, "sizes": recipe.data_sizes, "extra_turns": recipe.extra_turns}
+    if not marker.exists() or json.loads(marker.read_text()) != wanted:
+        print(f"generating the synthetic data set in {data_dir} ...", flush=True)
+        write_dataset(data_dir, recipe.data_sizes, recipe.data_seed, progress=True, extra_turns=recipe.extra_turns)
+    base = out / "base"
+    if not (base / "config.json").exists() or not args.resume:
+        write_model_folder(base, recipe.dims, args.tokenizer or default_tokenizer_source())
+    cfg = _train_config(
+        args, **{k: v for k, v in recipe.to_dict().items() if k != "dims"},
+        out_dir=str(out), train_data=str(data_dir / "train.jsonl"), val_data=str(data_dir / "val.jsonl"),
+        warmup_data=str(data_dir / "easy.jsonl") if "easy" in recipe.data_sizes else None,
+        max_length=recipe.dims.seq_length,
+    )
+    if args.resume:
+        check_resume_config(out, cfg)
+    from glm4v.tokenizer import load_tokenizer
+
+    model = new_model(base, cfg.seed)
+    trainer = Trainer(model, load_tokenizer(base), base, cfg)
+    if args.resume:
+        trainer.resume()
+    result = trainer.train()
+    final = trainer.export(out / "model", _dtype(cfg.save_dtype))
+    _finish(args, final, out, result, started, evaluate=(recipe.data_seed, recipe.data_sizes["test"]))
+    return 0
+
+
+def run_custom(args) -> int:
+    from glm4v.tokenizer import load_tokenizer
+    from glm4v.train.trainer import Trainer, check_resume_config, new_model
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    if args.config:
+        config_path = Path(args.config)
+        if config_path.is_dir():
+            config_path = config_path / "config.json"
+        if not config_path.is_file():
+            raise InputError(f"{config_path}: no such config file")
+        tok_dir = Path(args.tokenizer) if args.tokenizer else config_path.parent
+        base = out / "base"
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(config_path, base / "config.json")
+        for name in MODEL_FILES[1:]:
+            for folder in (tok_dir, config_path.parent):
+                if (folder / name).exists():
+                    shutil.copy2(folder / name, base / name)
+                    break
+        if not (base / "tokenizer.model").exists():
+            raise InputError(f"no tokenizer.model in {tok_dir}; pass --tokenizer")
+        cfg = _train_config(args, out_dir=str(out), train_data=args.data, val_data=args.val_data)
+        model = new_model(base, cfg.seed)
+        tokenizer = load_tokenizer(base)
+        from glm4v.engine import check_tokenizer_matches
+
+        check_tokenizer_matches(model.config, tokenizer, base)
+    else:
+        import glm4v
+
+        base = Path(args.init)
+        cfg = _train_config(args, out_dir=str(out), train_data=args.data, val_data=args.val_data, val_generate=0)
+        pipe = glm4v.load(base, dtype=args.dtype)
+        model, tokenizer = pipe.model, pipe.tokenizer
+        if not args.lora:
+            model.requires_grad_(True)
+    lora = bool(args.lora)
+    if lora:
+        from glm4v.train.lora import LoRAConfig, apply_lora
+
+        lcfg = LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, list(args.lora_target),
+                          exclude_prefixes=["transformer.vision.transformer", "transformer.vision.patch_embedding"]
+                          if args.freeze_vision else [])
+        wrapped = apply_lora(model, lcfg)
+        print(f"LoRA r={lcfg.r} alpha={lcfg.alpha} on {len(wrapped)} layers", flush=True)
+    if args.resume:
+        check_resume_config(out, cfg)
+    trainer = Trainer(model, tokenizer, base, cfg, lora=lora)
+    if args.resume:
+        trainer.resume()
+    result = trainer.train()
+    final = trainer.export(out / ("model" if not lora or args.merge else "adapter"),
+                           _dtype(cfg.save_dtype), merge=args.merge)
+    _finish(args, final, out, result, started, evaluate=None)
+    return 0
+
+
+def _finish(args, final: Path, out: Path, result: dict, started: float, evaluate: tuple | None) -> None:
+    """Summary file, final evaluation on the synthetic test split (``evaluate`` = (seed, n)), export."""
+    summary = {"final": str(final), "wall_s": round(time.perf_counter() - started, 1), **result}
+    if evaluate is not None:
+        from glm4v.eval.synth import format_table
+
+        report = evaluate_model(final, *evaluate)
+        summary["eval"] = {k: report[k] for k in ("overall", "skills", "languages", "n")}
+        print(format_table(report), flush=True)
+    if args.export:
+        export = Path(args.export)
+        from glm4v.weights import atomic_folder
+
+        with atomic_folder(export) as tmp:
+            for p in final.iterdir():
+                shutil.copy2(p, tmp / p.name)
+        summary["exported"] = str(export)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done in {summary['wall_s'] / 60:.1f} min: {final}", flush=True)
+
+
+def evaluate_model(folder, seed: int, n: int) -> dict:
+    import glm4v
+    from glm4v.eval.synth import answer_items, items_from_examples, score_items
+    from glm4v.train.synth import generate_test_split
+
+    pipe = glm4v.load(folder)
+    items = items_from_examples(generate_test_split(seed, n))
+    return score_items(items, answer_items(pipe.model, pipe.tokenizer, items))

@@ -1,0 +1,668 @@
+"""Synthetic visual question answering: seeded images and bilingual conversations.
+
+A miniature of the skill areas on the GLM-4V model card, designed so that a model of a few
+million parameters can learn them at 224 px in about an hour on two CPU cores: six well separated
+colours, four shapes, big clear text from a short word list, bar charts on a fixed grid.
+
+Every example is a pure function of ``(seed, split, index)``: the random generator is seeded
+with a string (Python hashes str seeds with SHA-512, so the stream does not depend on
+PYTHONHASHSEED or the platform) and the text is drawn with the font bundled inside Pillow, not a
+system font. The same call therefore gives the same pixels and the same text on every machine with
+the same Pillow version.
+
+Splits never share an image: the test split is generated first, then validation, then training,
+and an example whose pixels already occur in an earlier split is drawn again with the next
+``attempt`` number. ``eval synth`` can therefore regenerate the test split in memory without
+touching the training data.
+
+Written format (official GLM-4V fine-tuning JSONL, one conversation per line, image paths relative
+to the JSONL file; the extra keys ``id``, ``skill`` and ``lang`` are ignored by the official code)::
+
+    {"messages": [{"role": "user", "content": "...", "image": "images/test/000000.png"},
+                  {"role": "assistant", "content": "..."}], "id": "test-000000", "skill": "perception", "lang": "en"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+CANVAS = 224
+SKILLS = ("perception", "counting", "spatial", "text", "chart", "description", "choice", "yesno", "multiturn")
+LANGS = ("en", "zh")
+DEFAULT_SEED = 1234
+DEFAULT_SIZES = {"test": 1260, "val": 270, "train": 36000}
+SPLIT_ORDER = ("test", "val", "train", "easy")  # "easy": single-object warm-up data
+
+# name, Chinese name, RGB. Hues far apart so that a small vision tower separates them at once.
+COLOURS = (
+    ("red", "红色", (220, 40, 40)),
+    ("green", "绿色", (40, 170, 60)),
+    ("blue", "蓝色", (40, 90, 230)),
+    ("yellow", "黄色", (240, 205, 20)),
+    ("purple", "紫色", (150, 60, 200)),
+    ("orange", "橙色", (250, 140, 20)),
+)
+SHAPES = (("circle", "圆形"), ("square", "正方形"), ("triangle", "三角形"), ("star", "星形"))
+WORDS = (
+    "CAT", "DOG", "SUN", "MOON", "TREE", "BOOK", "FISH", "BIRD", "CAKE", "RAIN", "SNOW", "LAMP",
+    "DOOR", "BOAT", "MILK", "ROSE", "KING", "GOLD", "HAT", "CUP", "PEN", "BUS", "CAR", "KEY",
+)
+BAR_LETTERS = "ABCDE"
+RELATIONS = {  # relation of object 1 to object 2
+    "left": ("On the left.", "左边。"),
+    "right": ("On the right.", "右边。"),
+    "above": ("Above.", "上面。"),
+    "below": ("Below.", "下面。"),
+}
+YES = {"en": "Yes.", "zh": "是。"}
+NO = {"en": "No.", "zh": "不是。"}
+HAS = {"en": "Yes.", "zh": "有。"}
+HAS_NOT = {"en": "No.", "zh": "没有。"}
+CHOICE_SUFFIX = {
+    "en": "Answer with the option's letter from the given choices directly.",
+    "zh": "请直接回答选项的字母。",
+}
+
+
+@dataclass
+class Obj:
+    colour: int  # index into COLOURS
+    shape: int  # index into SHAPES
+    x: float
+    y: float
+    r: float
+
+
+@dataclass
+class Example:
+    """One conversation; ``image`` is the PIL picture, ``messages[0]['image']`` its path once written."""
+
+    id: str
+    skill: str
+    lang: str
+    image: Image.Image
+    messages: list[dict] = field(default_factory=list)
+
+    def record(self, image_path: str) -> dict:
+        messages = [dict(m) for m in self.messages]
+        messages[0]["image"] = image_path
+        return {"messages": messages, "id": self.id, "skill": self.skill, "lang": self.lang}
+
+
+# ------------------------------------------------------------------------------------------------
+# words in each language
+
+def colour_name(i: int, lang: str) -> str:
+    return COLOURS[i][0] if lang == "en" else COLOURS[i][1]
+
+
+def shape_name(i: int, lang: str) -> str:
+    return SHAPES[i][0] if lang == "en" else SHAPES[i][1]
+
+
+def thing(o: Obj, lang: str) -> str:
+    """'red circle' / '红色的圆形'."""
+    if lang == "en":
+        return f"{colour_name(o.colour, lang)} {shape_name(o.shape, lang)}"
+    return f"{colour_name(o.colour, lang)}的{shape_name(o.shape, lang)}"
+
+
+def a_thing(o: Obj, lang: str) -> str:
+    """'a red circle' / 'an orange star' / '一个红色的圆形'."""
+    if lang == "en":
+        name = thing(o, lang)
+        return ("an " if name[0] in "aeiou" else "a ") + name
+    return "一个" + thing(o, lang)
+
+
+def plural(shape: int) -> str:
+    return SHAPES[shape][0] + "s"
+
+
+def capitalise(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# drawing
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow's bundled font (not a system font): identical glyphs on every machine.
+    return ImageFont.load_default(size=size)
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    return tuple(rng.randint(238, 255) for _ in range(3))
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+    fill = COLOURS[o.colour][2]
+    x, y, r = o.x, o.y, o.r
+    name = SHAPES[o.shape][0]
+    if name == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif name == "square":
+        h = r * 0.85  # similar area to the circle
+        draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
+    elif name == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + 0.75 * r), (x + r, y + 0.75 * r)], fill=fill)
+    else:  # five-pointed star
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else 0.45 * r
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((x + radius * math.cos(angle), y + radius * math.sin(angle)))
+        draw.polygon(points, fill=fill)
+
+
+def place(rng: random.Random, radii: list[float], min_dx: float = 0.0) -> list[tuple[float, float]]:
+    """Centres for objects of the given radii: inside the canvas, not overlapping.
+
+    ``min_dx`` keeps the x centres apart so that 'left to right' is a well defined order.
+    """
+    margin = 6
+    for _ in range(1000):
+        centres: list[tuple[float, float]] = []
+        for r in radii:
+            for _ in range(200):
+                x = rng.uniform(r + margin, CANVAS - r - margin)
+                y = rng.uniform(r + margin, CANVAS - r - margin)
+                if all(math.hypot(x - cx, y - cy) >= r + cr + 10 and abs(x - cx) >= min_dx
+                       for (cx, cy), cr in zip(centres, radii)):
+                    centres.append((x, y))
+                    break
+            else:
+                break
+        if len(centres) == len(radii):
+            return centres
+    raise RuntimeError("could not place the objects")  # pragma: no cover - radii are small enough
+
+
+def render_objects(rng: random.Random, objs: list[Obj]) -> Image.Image:
+    image = Image.new("RGB", (CANVAS, CANVAS), _background(rng))
+    draw = ImageDraw.Draw(image)
+    for o in objs:
+        draw_shape(draw, o)
+    return image
+
+
+def distinct_objects(rng: random.Random, n: int, r_range=(18, 28), min_dx: float = 14.0) -> list[Obj]:
+    """n objects, no two sharing a colour or a shape, so every question has one answer."""
+    colours = rng.sample(range(len(COLOURS)), n)
+    shapes = rng.sample(range(len(SHAPES)), n)
+    radii = [rng.uniform(*r_range) for _ in range(n)]
+    centres = place(rng, radii, min_dx=min_dx)
+    return [Obj(c, s, x, y, r) for c, s, (x, y), r in zip(colours, shapes, centres, radii)]
+
+
+def render_text(rng: random.Random, text: str) -> Image.Image:
+    image = Image.new("RGB", (CANVAS, CANVAS), _background(rng))
+    draw = ImageDraw.Draw(image)
+    size = rng.randint(50, 60) if len(text) <= 3 else rng.randint(42, 50)
+    font = _font(size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=2)
+    w, h = right - left, bottom - top
+    x = rng.uniform(8, CANVAS - w - 8) - left
+    y = rng.uniform(12, CANVAS - h - 12) - top
+    ink = tuple(rng.randint(0, 90) for _ in range(3))
+    draw.text((x, y), text, font=font, fill=ink, stroke_width=2, stroke_fill=ink)
+    return image
+
+
+# Bar chart geometry: fixed slots so that bar A is always in the same place.
+CHART_BASE, CHART_UNIT, CHART_MAX = 196, 21, 8
+CHART_X0, CHART_SLOT, CHART_BAR = 52, 34, 24
+
+
+def render_chart(rng: random.Random, values: list[int], colours: list[int]) -> Image.Image:
+    image = Image.new("RGB", (CANVAS, CANVAS), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    small = _font(13)
+    right = CHART_X0 + CHART_SLOT * len(BAR_LETTERS)
+    for v in range(CHART_MAX + 1):
+        y = CHART_BASE - v * CHART_UNIT
+        draw.line([(CHART_X0 - 8, y), (right, y)], fill=(205, 205, 205) if v else (60, 60, 60), width=1)
+        draw.text((CHART_X0 - 12, y), str(v), font=small, fill=(60, 60, 60), anchor="rm")
+    draw.line([(CHART_X0 - 8, CHART_BASE), (CHART_X0 - 8, CHART_BASE - CHART_MAX * CHART_UNIT)], fill=(60, 60, 60))
+    label_font = _font(17)
+    for k, (v, c) in enumerate(zip(values, colours)):
+        x = CHART_X0 + 5 + k * CHART_SLOT
+        draw.rectangle([x, CHART_BASE - v * CHART_UNIT, x + CHART_BAR, CHART_BASE - 1], fill=COLOURS[c][2])
+        draw.text((x + CHART_BAR / 2, CHART_BASE + 4), BAR_LETTERS[k], font=label_font, fill=(30, 30, 30), anchor="mt")
+    return image
+
+
+# ------------------------------------------------------------------------------------------------
+# question makers: each returns (image, [(question, answer), ...])
+
+def _pick(rng: random.Random, templates: dict, lang: str) -> str:
+    return rng.choice(templates[lang])
+
+
+Q_COLOUR = {
+    "en": ["What colour is the {s}?", "What color is the {s}?", "Which colour does the {s} have?"],
+    "zh": ["{s}是什么颜色？", "图中的{s}是什么颜色的？"],
+}
+Q_SHAPE = {
+    "en": ["What shape is the {c} object?", "What is the shape of the {c} object?"],
+    "zh": ["{c}的物体是什么形状？", "图中{c}的物体是什么形状的？"],
+}
+Q_COUNT = {
+    "en": ["How many {s} are there in the image?", "How many {s} can you see?", "Count the {s} in the picture."],
+    "zh": ["图中有几个{s}？", "图片里一共有多少个{s}？"],
+}
+Q_TOTAL = {
+    "en": ["How many shapes are there in total?", "How many objects are in the picture?"],
+    "zh": ["图中一共有几个图形？", "图片里有多少个物体？"],
+}
+Q_WHERE = {
+    "en": ["Where is the {a} relative to the {b}?", "Is the {a} left of, right of, above or below the {b}?"],
+    "zh": ["{a}在{b}的什么位置？", "{a}位于{b}的哪一边？"],
+}
+Q_TEXT = {
+    "en": ["What is written in the image?", "What word or number is shown in the picture?", "Read the text in the image."],
+    "zh": ["图片中写的是什么？", "图中显示的文字是什么？"],
+}
+Q_HIGHEST = {
+    "en": ["Which bar is the highest?", "Which bar has the largest value?"],
+    "zh": ["哪个柱子最高？", "哪一个柱子的数值最大？"],
+}
+Q_VALUE = {
+    "en": ["What is the value of bar {L}?", "How high is bar {L}?"],
+    "zh": ["柱子{L}的数值是多少？", "柱子{L}有多高？"],
+}
+Q_DESCRIBE = {
+    "en": ["Describe the image in one sentence.", "Give a one-sentence description of the picture."],
+    "zh": ["请用一句话描述这张图片。", "用一句话描述图片的内容。"],
+}
+Q_EXISTS = {
+    "en": ["Is there {a} in the image?", "Can you see {a} in the picture?"],
+    "zh": ["图中有{a}吗？", "图片里有没有{a}？"],
+}
+Q_IS_COLOUR = {
+    "en": ["Is the {s} {c}?"],
+    "zh": ["{s}是{c}的吗？"],
+}
+
+
+def answer_colour(o: Obj, lang: str) -> str:
+    s, c = shape_name(o.shape, lang), colour_name(o.colour, lang)
+    return f"The {s} is {c}." if lang == "en" else f"{s}是{c}的。"
+
+
+def answer_shape(o: Obj, lang: str) -> str:
+    s, c = shape_name(o.shape, lang), colour_name(o.colour, lang)
+    return f"The {c} object is a {s}." if lang == "en" else f"{c}的物体是{s}。"
+
+
+def ask_colour(rng, o: Obj, lang: str) -> tuple[str, str]:
+    return _pick(rng, Q_COLOUR, lang).format(s=shape_name(o.shape, lang)), answer_colour(o, lang)
+
+
+def ask_shape(rng, o: Obj, lang: str) -> tuple[str, str]:
+    return _pick(rng, Q_SHAPE, lang).format(c=colour_name(o.colour, lang)), answer_shape(o, lang)
+
+
+def describe(objs: list[Obj], lang: str) -> str:
+    """One sentence naming every object, left to right."""
+    ordered = sorted(objs, key=lambda o: o.x)
+    if lang == "en":
+        parts = [a_thing(o, lang) for o in ordered]
+        listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return f"The image shows {listed}."
+    parts = [a_thing(o, lang) for o in ordered]
+    listed = parts[0] if len(parts) == 1 else "、".join(parts[:-1]) + "和" + parts[-1]
+    return f"图中有{listed}。"
+
+
+def choice_question(rng, question: str, correct: str, pool: list[str], lang: str) -> tuple[str, str]:
+    """MMBench-style: the question, options A-D (one correct), the letter as the answer."""
+    options = rng.sample([p for p in pool if p != correct], 3) + [correct]
+    rng.shuffle(options)
+    lines = [question] + [f"{'ABCD'[k]}. {opt}" for k, opt in enumerate(options)] + [CHOICE_SUFFIX[lang]]
+    return "\n".join(lines), "ABCD"[options.index(correct)]
+
+
+def _text_content(rng) -> str:
+    return rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(10, 99))
+
+
+def make_perception(rng, lang):
+    objs = distinct_objects(rng, rng.randint(1, 4))
+    target = rng.choice(objs)
+    qa = ask_colour(rng, target, lang) if rng.random() < 0.6 else ask_shape(rng, target, lang)
+    return render_objects(rng, objs), [qa], ("objects", objs)
+
+
+def make_counting(rng, lang):
+    n = rng.randint(1, 6)
+    shape = rng.randrange(len(SHAPES))
+    radii = [rng.uniform(14, 21) for _ in range(n)]
+    objs = [Obj(rng.randrange(len(COLOURS)), shape, x, y, r) for (x, y), r in zip(place(rng, radii), radii)]
+    s = plural(shape) if lang == "en" else SHAPES[shape][1]
+    return render_objects(rng, objs), [(_pick(rng, Q_COUNT, lang).format(s=s), str(n))], ("count", objs)
+
+
+def make_spatial(rng, lang):
+    relation = rng.choice(list(RELATIONS))
+    colours = rng.sample(range(len(COLOURS)), 2)
+    shapes = rng.sample(range(len(SHAPES)), 2)
+    r1, r2 = rng.uniform(16, 26), rng.uniform(16, 26)
+    # Clearly apart along the relation's axis, roughly level on the other one.
+    while True:
+        u1, u2 = rng.uniform(r1 + 8, CANVAS - r1 - 8), rng.uniform(r2 + 8, CANVAS - r2 - 8)
+        if abs(u1 - u2) >= r1 + r2 + 22:
+            break
+    if (u1 < u2) != (relation in ("left", "above")):
+        u1, u2 = CANVAS - u1, CANVAS - u2  # mirror: keeps the distance, flips the order
+    edge = max(r1, r2) + 8
+    v1 = rng.uniform(edge, CANVAS - edge)
+    v2 = min(max(v1 + rng.uniform(-14, 14), edge), CANVAS - edge)
+    if relation in ("left", "right"):
+        o1, o2 = Obj(colours[0], shapes[0], u1, v1, r1), Obj(colours[1], shapes[1], u2, v2, r2)
+    else:
+        o1, o2 = Obj(colours[0], shapes[0], v1, u1, r1), Obj(colours[1], shapes[1], v2, u2, r2)
+    question = _pick(rng, Q_WHERE, lang).format(a=thing(o1, lang), b=thing(o2, lang))
+    answer = RELATIONS[relation][0 if lang == "en" else 1]
+    return render_objects(rng, [o1, o2]), [(question, answer)], ("spatial", [o1, o2], relation)
+
+
+def make_text(rng, lang):
+    text = _text_content(rng)
+    return render_text(rng, text), [(_pick(rng, Q_TEXT, lang), text)], ("text", text)
+
+
+def _chart(rng):
+    n = rng.randint(3, 5)
+    while True:
+        values = [rng.randint(1, CHART_MAX) for _ in range(n)]
+        if values.count(max(values)) == 1:
+            break
+    colours = [rng.randrange(len(COLOURS)) for _ in range(n)]
+    return values, render_chart(rng, values, colours)
+
+
+def make_chart(rng, lang):
+    values, image = _chart(rng)
+    if rng.random() < 0.4:
+        return image, [(_pick(rng, Q_HIGHEST, lang), BAR_LETTERS[values.index(max(values))])], ("chart", values)
+    k = rng.randrange(len(values))
+    return image, [(_pick(rng, Q_VALUE, lang).format(L=BAR_LETTERS[k]), str(values[k]))], ("chart", values)
+
+
+def make_description(rng, lang):
+    objs = distinct_objects(rng, rng.randint(1, 4), min_dx=20)
+    return render_objects(rng, objs), [(_pick(rng, Q_DESCRIBE, lang), describe(objs, lang))], ("objects", objs)
+
+
+def make_choice(rng, lang):
+    kind = rng.choice(["colour", "shape", "count", "text"])
+    colours = [colour_name(i, lang) for i in range(len(COLOURS))]
+    shapes = [shape_name(i, lang) for i in range(len(SHAPES))]
+    if kind in ("colour", "shape"):
+        objs = distinct_objects(rng, rng.randint(1, 4))
+        o = rng.choice(objs)
+        if kind == "colour":
+            q = _pick(rng, Q_COLOUR, lang).format(s=shape_name(o.shape, lang))
+            qa = choice_question(rng, q, colour_name(o.colour, lang), colours, lang)
+        else:
+            q = _pick(rng, Q_SHAPE, lang).format(c=colour_name(o.colour, lang))
+            qa = choice_question(rng, q, shape_name(o.shape, lang), shapes, lang)
+        return render_objects(rng, objs), [qa], ("objects", objs)
+    if kind == "count":
+        image, [(q, n)], scene = make_counting(rng, lang)
+        return image, [choice_question(rng, q, n, [str(i) for i in range(1, 7)], lang)], scene
+    text = _text_content(rng)
+    pool = list(WORDS) if not text.isdigit() else [str(i) for i in range(10, 100)]
+    return render_text(rng, text), [choice_question(rng, _pick(rng, Q_TEXT, lang), text, pool, lang)], ("text", text)
+
+
+def _absent_pair(rng, objs: list[Obj]) -> Obj:
+    """A colour/shape pair not in the scene; usually one of its parts is present (a hard negative)."""
+    present = {(o.colour, o.shape) for o in objs}
+    candidates = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES)) if (c, s) not in present]
+    hard = [(c, s) for c, s in candidates if any(o.colour == c or o.shape == s for o in objs)]
+    c, s = rng.choice(hard if hard and rng.random() < 0.75 else candidates)
+    return Obj(c, s, 0, 0, 0)
+
+
+def ask_exists(rng, objs: list[Obj], lang: str) -> tuple[str, str]:
+    if rng.random() < 0.5:
+        return _exists_question(rng, rng.choice(objs), lang), HAS[lang]
+    return _exists_question(rng, _absent_pair(rng, objs), lang), HAS_NOT[lang]
+
+
+def _exists_question(rng, o: Obj, lang: str) -> str:
+    # Chinese asks about '红色的圆形', English about 'a red circle'
+    return _pick(rng, Q_EXISTS, lang).format(a=a_thing(o, lang) if lang == "en" else thing(o, lang))
+
+
+def make_yesno(rng, lang):
+    objs = distinct_objects(rng, rng.randint(1, 4))
+    if rng.random() < 0.6:
+        qa = ask_exists(rng, objs, lang)
+    else:
+        o = rng.choice(objs)
+        yes = rng.random() < 0.5
+        colour = o.colour if yes else rng.choice([c for c in range(len(COLOURS)) if c != o.colour])
+        q = _pick(rng, Q_IS_COLOUR, lang).format(s=shape_name(o.shape, lang), c=colour_name(colour, lang))
+        qa = (q, YES[lang] if yes else NO[lang])
+    return render_objects(rng, objs), [qa], ("objects", objs)
+
+
+def make_multiturn(rng, lang):
+    objs = distinct_objects(rng, rng.randint(2, 4))
+    first, second = rng.sample(objs, 2)
+    turns = [ask_colour(rng, first, lang) if rng.random() < 0.6 else ask_shape(rng, first, lang)]
+    kind = rng.choice(["total", "exists", "other"])
+    if kind == "total":
+        turns.append((_pick(rng, Q_TOTAL, lang), str(len(objs))))
+    elif kind == "exists":
+        turns.append(ask_exists(rng, objs, lang))
+    else:
+        turns.append(ask_shape(rng, second, lang) if rng.random() < 0.5 else ask_colour(rng, second, lang))
+    return render_objects(rng, objs), turns, ("objects", objs)
+
+
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
+def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
+    """More questions about a training image's scene: several answers per image forward pass
+    give the vision tower more to learn from at little extra cost."""
+    kind = scene[0]
+    if kind == "objects":
+        objs = scene[1]
+        pool = [ask_colour(rng, o, lang) for o in objs] + [ask_shape(rng, o, lang) for o in objs]
+        pool += [(_pick(rng, Q_TOTAL, lang), str(len(objs))), ask_exists(rng, objs, lang), ask_exists(rng, objs, lang)]
+        if all(abs(a.x - b.x) >= 20 for a in objs for b in objs if a is not b):
+            pool.append((_pick(rng, Q_DESCRIBE, lang), describe(objs, lang)))
+        return pool
+    if kind in ("count", "text"):  # one fact only: a second question would just repeat the answer
+        return []
+    if kind == "spatial":
+        (o1, o2), relation = scene[1], scene[2]
+        back = (_pick(rng, Q_WHERE, lang).format(a=thing(o2, lang), b=thing(o1, lang)),
+                RELATIONS[OPPOSITE[relation]][0 if lang == "en" else 1])
+        return [back] + [ask_colour(rng, o, lang) for o in (o1, o2)] + [ask_shape(rng, o, lang) for o in (o1, o2)]
+    values = scene[1]  # chart
+    pool = [(_pick(rng, Q_VALUE, lang).format(L=BAR_LETTERS[k]), str(v)) for k, v in enumerate(values)]
+    return pool + [(_pick(rng, Q_HIGHEST, lang), BAR_LETTERS[values.index(max(values))])]
+
+
+def make_single(rng, lang):
+    """One object, its colour or its shape: the easiest grounded question (a warm-up curriculum)."""
+    objs = distinct_objects(rng, 1)
+    qa = ask_colour(rng, objs[0], lang) if rng.random() < 0.5 else ask_shape(rng, objs[0], lang)
+    return render_objects(rng, objs), [qa], ("objects", objs)
+
+
+MAKERS = {
+    "perception": make_perception, "counting": make_counting, "spatial": make_spatial, "text": make_text,
+    "chart": make_chart, "description": make_description, "choice": make_choice, "yesno": make_yesno,
+    "multiturn": make_multiturn,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# examples and splits
+
+def skill_and_lang(index: int) -> tuple[str, str]:
+    """Round robin over skills and languages: every block of 18 examples holds each pair once."""
+    return SKILLS[index % len(SKILLS)], LANGS[(index // len(SKILLS)) % len(LANGS)]
+
+
+def make_example(seed: int, split: str, index: int, attempt: int = 0, extra_turns: int = 0) -> Example:
+    """Example ``index`` of a split; training examples may get up to ``extra_turns`` more questions."""
+    skill, lang = skill_and_lang(index)
+    rng = random.Random(f"glm4v-synth/{seed}/{split}/{index}/{attempt}")
+    maker = MAKERS[skill]
+    if split == "easy":  # the warm-up curriculum: single objects only
+        skill, maker = "perception", make_single
+    image, turns, scene = maker(rng, lang)
+    if extra_turns and split == "train":
+        pool = [qa for qa in extra_questions(rng, scene, lang) if qa not in turns]
+        turns = turns + rng.sample(pool, min(len(pool), rng.randint(0, extra_turns)))
+    messages = []
+    for n, (question, answer) in enumerate(turns):
+        user = {"role": "user", "content": question}
+        if n == 0:
+            user["image"] = None  # filled with the path when written
+        messages += [user, {"role": "assistant", "content": answer}]
+    return Example(f"{split}-{index:06d}", skill, lang, image, messages)
+
+
+def pixel_digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def generate_split(seed: int, split: str, n: int, seen: set[str] | None = None, extra_turns: int = 0):
+    """Yield n examples of a split; an image whose pixels are in ``seen`` is drawn again."""
+    seen = set() if seen is None else seen
+    for index in range(n):
+        attempt = 0
+        while True:
+            ex = make_example(seed, split, index, attempt, extra_turns)
+            digest = pixel_digest(ex.image)
+            if digest not in seen:
+                break
+            attempt += 1
+        seen.add(digest)
+        yield ex
+
+
+def generate_test_split(seed: int = DEFAULT_SEED, n: int = DEFAULT_SIZES["test"]) -> list[Example]:
+    """The test split in memory (it comes first, so it never depends on the other splits)."""
+    return list(generate_split(seed, "test", n))
+
+
+def write_dataset(out_dir, sizes: dict[str, int] | None = None, seed: int = DEFAULT_SEED, progress: bool = False,
+                  extra_turns: int = 0) -> dict:
+    """Write ``{split}.jsonl`` and ``images/{split}/NNNNNN.png`` for each split; returns the paths."""
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    unknown = set(sizes) - set(SPLIT_ORDER)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {SPLIT_ORDER}")
+    out = Path(out_dir)
+    seen: set[str] = set()
+    paths = {}
+    for split in SPLIT_ORDER:
+        if split not in sizes:
+            continue
+        image_dir = out / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        examples = generate_split(seed, split, sizes[split], seen, extra_turns)
+        if progress:
+            from tqdm import tqdm
+
+            examples = tqdm(examples, total=sizes[split], desc=f"synth {split}", unit="img", mininterval=5)
+        jsonl = out / f"{split}.jsonl"
+        tmp = jsonl.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ex in examples:
+                rel = f"images/{split}/{ex.id.split('-')[-1]}.png"
+                ex.image.save(out / rel, optimize=False, compress_level=1)
+                f.write(json.dumps(ex.record(rel), ensure_ascii=False) + "\n")
+        tmp.replace(jsonl)
+        paths[split] = jsonl
+    (out / "synth.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "extra_turns": extra_turns}, indent=2) + "\n")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring
+
+_PUNCT = " \t\n.。!！,，:：;；\"'"
+
+
+def normalise(text: str) -> str:
+    """Case, surrounding whitespace and trailing punctuation do not matter for exact match."""
+    return re.sub(r"\s+", " ", text.strip().strip(_PUNCT).lower())
+
+
+_EN_THING = re.compile(r"\b(" + "|".join(c[0] for c in COLOURS) + r") (" + "|".join(s[0] for s in SHAPES) + r")\b")
+_ZH_THING = re.compile("(" + "|".join(c[1] for c in COLOURS) + ")的(" + "|".join(s[1] for s in SHAPES) + ")")
+
+
+def description_facts(text: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a description names, sorted: its key facts."""
+    text = text.lower()
+    return sorted(_EN_THING.findall(text) + _ZH_THING.findall(text))
+
+
+def score_answer(skill: str, prediction: str, reference: str) -> bool:
+    """Exact match after normalisation; a description is right when it names exactly the right objects."""
+    if skill == "description":
+        facts = description_facts(reference)
+        return bool(facts) and description_facts(prediction) == facts
+    return normalise(prediction) == normalise(reference)
+
+
+# ------------------------------------------------------------------------------------------------
+# example pictures (examples/ in the repository)
+
+def example_images() -> dict[str, tuple[Image.Image, str, str]]:
+    """A few fixed pictures drawn by the generator, with a question each and its answer."""
+    rng = random.Random("glm4v-examples")
+    shapes = [Obj(0, 0, 62, 80, 26), Obj(2, 1, 160, 70, 24), Obj(3, 2, 110, 165, 26)]
+    counting = [Obj(c, 3, x, y, 18) for c, (x, y) in zip([1, 4, 1, 5], [(50, 60), (170, 50), (70, 170), (165, 160)])]
+    values, colours = [3, 7, 5, 2], [2, 0, 1, 3]
+    return {
+        "shapes.png": (render_objects(rng, shapes), "What colour is the circle?", "The circle is red."),
+        "counting.png": (render_objects(rng, counting), "How many stars are there in the image?", "4"),
+        "chart.png": (render_chart(rng, values, colours), "Which bar is the highest?", "B"),
+        "text.png": (render_text(rng, "CAKE"), "What is written in the image?", "CAKE"),
+    }
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m glm4v.train.synth", description="write the synthetic data set")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--sizes", default=None, help='JSON, e.g. \'{"test": 1260, "val": 270, "train": 36000}\'')
+    parser.add_argument("--extra-turns", type=int, default=0)
+    parser.add_argument("--examples", action="store_true", help="write the example pictures instead")
+    args = parser.parse_args(argv)
+    if args.examples:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for name, (image, question, answer) in example_images().items():
+            image.save(Path(args.out) / name, optimize=True)
+            print(f"{name}: {question} -> {answer}")
+        return 0
+    write_dataset(args.out, json.loads(args.sizes) if args.sizes else None, args.seed, progress=True,
+                  extra_turns=args.extra_turns)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The synthetic visual-QA generator: determinism, split disjointness, format, scoring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from glm4v.train import synth
+from glm4v.train.data import read_jsonl
+
+
+def test_same_seed_same_example_and_different_index_differs():
+    a = synth.make_example(7, "train", 11)
+    b = synth.make_example(7, "train", 11)
+    assert a.messages == b.messages and a.image.tobytes() == b.image.tobytes()
+    c = synth.make_example(8, "train", 11)
+    assert c.image.tobytes() != a.image.tobytes()
+    d = synth.make_example(7, "test", 11)  # the split is part of the seed
+    assert d.image.tobytes() != a.image.tobytes()
+
+
+def test_every_skill_and_language_is_balanced_in_the_test_split():
+    examples = synth.generate_test_split(seed=3, n=180)
+    pairs = Counter((ex.skill, ex.lang) for ex in examples)
+    assert set(pairs) == {(s, lang) for s in synth.SKILLS for lang in synth.LANGS}
+    assert set(pairs.values()) == {10}
+    for ex in examples:
+        assert ex.image.size == (synth.CANVAS, synth.CANVAS) and ex.image.mode == "RGB"
+        roles = [m["role"] for m in ex.messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2)
+        assert (len(roles) == 4) == (ex.skill == "multiturn")
+        text = "".join(m["content"] for m in ex.messages)
+        if ex.lang == "zh" and ex.skill not in ("text", "chart", "counting"):
+            assert any("\u4e00" <= ch <= "\u9fff" for ch in text), text
+
+
+def test_written_dataset_is_deterministic_official_format_and_splits_share_no_image(tmp_path):
+    sizes = {"test": 27, "val": 9, "train": 36}
+    paths = synth.write_dataset(tmp_path / "a", sizes, seed=5)
+    synth.write_dataset(tmp_path / "b", sizes, seed=5)
+    for split in sizes:
+        a = (tmp_path / "a" / f"{split}.jsonl").read_bytes()
+        assert a == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+    digests = {}
+    for split, path in paths.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == sizes[split]
+        raw = json.loads(lines[0])
+        assert set(raw) == {"messages", "id", "skill", "lang"}
+        assert raw["messages"][0]["role"] == "user" and raw["messages"][0]["image"].startswith(f"images/{split}/")
+        records = read_jsonl(path)  # the trainer's own reader accepts it
+        digests[split] = set()
+        for r in records:
+            with Image.open(r.image) as im:
+                digests[split].add(hashlib.sha256(im.convert("RGB").tobytes()).hexdigest())
+            other = tmp_path / "b" / r.image.relative_to(tmp_path / "a")
+            assert other.read_bytes() == r.image.read_bytes()
+        assert len(digests[split]) == sizes[split]  # no duplicate inside a split either
+    assert not digests["test"] & digests["val"]
+    assert not digests["test"] & digests["train"]
+    assert not digests["val"] & digests["train"]
+
+
+def test_an_image_already_in_an_earlier_split_is_drawn_again():
+    first = synth.make_example(9, "val", 0)
+    seen = {synth.pixel_digest(first.image)}
+    again = next(synth.generate_split(9, "val", 1, seen))
+    assert synth.pixel_digest(again.image) != synth.pixel_digest(first.image)
+    assert again.skill == first.skill and again.lang == first.lang
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("skill,prediction,reference,ok", [
+    ("perception", "the circle is red", "The circle is red.", True),
+    ("perception", "  The circle is red。 ", "The circle is red.", True),
+    ("perception", "The circle is blue.", "The circle is red.", False),
+    ("counting", "4", "4", True),
+    ("counting", "14", "4", False),
+    ("choice", "b", "B", True),
+    ("yesno", "有。", "有。", True),
+    ("yesno", "没有。", "有。", False),
+    ("description", "The image shows a blue square and a red circle.",
+     "The image shows a red circle and a blue square.", True),
+    ("description", "The image shows a red circle.", "The image shows a red circle and a blue square.", False),
+    ("description", "The image shows a red circle, a blue square and a red circle.",
+     "The image shows a red circle and a blue square.", False),
+    ("description", "图中有一个蓝色的正方形和一个红色的圆形。", "图中有一个红色的圆形和一个蓝色的正方形。", True),
+    ("description", "图中有一个蓝色的三角形和一个红色的圆形。", "图中有一个红色的圆形和一个蓝色的正方形。", False),
+])
+def test_scoring(skill, prediction, reference, ok):
+    assert synth.score_answer(skill, prediction, reference) is ok
+
+
+def test_answers_agree_with_the_scene():
+    # counting answers are the number of objects drawn, chart answers name a real bar
+    for index in range(1, 400, 9):  # skill index 1 = counting
+        ex = synth.make_example(1, "train", index)
+        assert ex.skill == "counting" and 1 <= int(ex.messages[1]["content"]) <= 6
+    for index in range(4, 400, 9):
+        ex = synth.make_example(1, "train", index)
+        assert ex.skill == "chart"
+        answer = ex.messages[1]["content"]
+        assert answer in synth.BAR_LETTERS or 1 <= int(answer) <= synth.CHART_MAX
+
+
+def test_training_examples_may_carry_extra_questions_about_the_same_image():
+    plain = [synth.make_example(2, "train", i) for i in range(36)]
+    extra = [synth.make_example(2, "train", i, extra_turns=2) for i in range(36)]
+    assert any(len(e.messages) > len(p.messages) for p, e in zip(plain, extra))
+    for p, e in zip(plain, extra):
+        assert p.image.tobytes() == e.image.tobytes()
+        assert e.messages[: len(p.messages)] == p.messages
+        assert len(e.messages) <= len(p.messages) + 4
+    # evaluation splits never get them
+    assert synth.make_example(2, "test", 5, extra_turns=2).messages == synth.make_example(2, "test", 5).messages
+
+
+def test_example_pictures_in_the_repository_are_the_generators():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples"
+    for name, (image, question, answer) in synth.example_images().items():
+        with Image.open(folder / name) as shipped:
+            assert shipped.convert("RGB").tobytes() == image.tobytes(), name
+        assert question and answer
+    assert synth.example_images()["shapes.png"][1] == "What colour is the circle?"

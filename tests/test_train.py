@@ -1,0 +1,271 @@
+"""Training: loss targets, collation, the loss itself, learning, checkpoints, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import glm4v
+from glm4v.errors import InputError
+from glm4v.tokenizer import load_tokenizer
+from glm4v.train import synth
+from glm4v.train.data import IGNORE, ConversationDataset, collate, encode_for_training, read_jsonl
+from glm4v.train.recipes import RECIPES, config_dict, write_model_folder
+from glm4v.train.trainer import (
+    TrainConfig, Trainer, forward_loss, latest_checkpoint, lr_at, new_model, sequence_positions,
+)
+from tests.conftest import IMAGES_DIR, REAL_TOKENIZER_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A smoke-sized model folder (GLM-4 vocabulary prefix of 2,000 ranks) and a little data."""
+    root = tmp_path_factory.mktemp("train")
+    write_model_folder(root / "base", RECIPES["smoke"].dims, REAL_TOKENIZER_DIR)
+    synth.write_dataset(root / "data", {"val": 9, "train": 32}, seed=2)
+    return root
+
+
+def test_model_folder_has_the_official_config_keys_and_a_vocabulary_prefix(small):
+    official = json.loads((REPO / "tests/fixtures/official_config.json").read_text())
+    ours = json.loads((small / "base/config.json").read_text())
+    assert list(ours) == list(official) and list(ours["vision_config"]) == list(official["vision_config"])
+    real = (REAL_TOKENIZER_DIR / "tokenizer.model").read_bytes().splitlines()
+    prefix = (small / "base/tokenizer.model").read_bytes().splitlines()
+    assert prefix == real[:2000]
+    tok = load_tokenizer(small / "base")
+    assert tok.special_tokens["<|endoftext|>"] == 2000 and tok.special_tokens["<|end_of_video|>"] == 2013
+    assert ours["eos_token_id"] == [2000, 2007, 2009] and ours["padded_vocab_size"] == 2048
+    # the same prefix as the golden tiny checkpoint's tokenizer
+    tiny = (REPO / "tests/fixtures/tiny/tokenizer.model").read_bytes().splitlines()
+    assert prefix == tiny
+    assert config_dict(RECIPES["embedded"].dims)["vision_config"]["image_size"] == 224
+
+
+def test_loss_targets_are_the_assistant_turns_and_the_token_that_ends_them(small):
+    tok = load_tokenizer(small / "base")
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What colour is the circle?", "image": "x.png"},
+        {"role": "assistant", "content": "The circle is red."},
+        {"role": "user", "content": "和正方形呢？"},
+        {"role": "assistant", "content": "蓝色。"},
+    ]
+    ids, targets = encode_for_training(tok, conv)
+    assert ids == tok.encode_chat(conv, add_generation_prompt=False)[0] + [tok.user_token_id]
+    expected = [IGNORE] * len(ids)
+    for k, m in enumerate(conv):
+        if m["role"] != "assistant":
+            continue
+        start = len(tok.encode_chat(conv[:k], add_generation_prompt=False)[0])
+        end = len(tok.encode_chat(conv[: k + 1], add_generation_prompt=False)[0])
+        assert ids[start] == tok.assistant_token_id
+        for i in range(start + 1, end + 1):  # "\n" + content, then the next <|user|>
+            expected[i] = ids[i]
+        assert ids[end] == tok.user_token_id
+        assert tok.decode([ids[i] for i in range(start + 1, end)]) == "\n" + m["content"]
+    assert targets == expected
+    image_at = ids.index(tok.boi_token_id)
+    assert all(t == IGNORE for t in targets[: image_at + 3])
+
+
+def test_collate_pads_right_for_training_and_left_for_generation(small):
+    tok = load_tokenizer(small / "base")
+    ds = ConversationDataset(small / "data/train.jsonl", tok)
+    samples = [ds[0], ds[1], ds[2]]
+    lengths = [len(s.input_ids) for s in samples]
+    right = collate(samples, tok.pad_token_id, "right")
+    left = collate(samples, tok.pad_token_id, "left")
+    width = max(lengths)
+    assert right["input_ids"].shape == (3, width) and right["pixel_values"].shape == (3, 3, 112, 112)
+    for row, n in enumerate(lengths):
+        assert right["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert left["attention_mask"][row].tolist() == [0] * (width - n) + [1] * n
+        assert right["input_ids"][row, :n].tolist() == samples[row].input_ids
+        assert left["input_ids"][row, width - n:].tolist() == samples[row].input_ids
+        assert (right["targets"][row, n:] == IGNORE).all() and (left["targets"][row, : width - n] == IGNORE).all()
+    with pytest.raises(ValueError):
+        collate(samples, tok.pad_token_id, "middle")
+
+
+def test_loss_equals_cross_entropy_of_the_full_logits_after_the_image_splice(small):
+    torch.manual_seed(0)
+    tok = load_tokenizer(small / "base")
+    model = new_model(small / "base", seed=1).eval()
+    ds = ConversationDataset(small / "data/train.jsonl", tok)
+    batch = collate([ds[i] for i in range(4)], tok.pad_token_id, "right")
+    with torch.no_grad():
+        loss, stats = forward_loss(model, batch)
+        logits = model(batch["input_ids"], pixel_values=batch["pixel_values"]).logits  # [B, L+P-1, V]
+    ids, targets = batch["input_ids"], batch["targets"]
+    P = model.config.num_image_tokens
+    manual = []
+    for b in range(ids.shape[0]):
+        boi = ids[b].tolist().index(tok.boi_token_id)
+        for i in range(1, ids.shape[1]):
+            if targets[b, i] != IGNORE:
+                pos = i - 1 if i - 1 <= boi else i - 1 + P - 1  # sequence row of token i-1
+                manual.append(F.cross_entropy(logits[b, pos][None], targets[b, i][None]))
+    assert stats["targets"] == len(manual)
+    assert torch.allclose(loss, torch.stack(manual).mean(), atol=1e-5)
+    positions = sequence_positions(ids, tok.boi_token_id, P + 2)
+    assert positions[0, : boi + 2].tolist() == list(range(boi + 2))
+    assert positions[0, boi + 2].item() == boi + 2 + P - 1
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(out_dir="", train_data="", steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    values = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_a_few_steps_lower_the_loss_and_the_export_loads(small, tmp_path):
+    torch.manual_seed(0)
+    tok = load_tokenizer(small / "base")
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=str(small / "data/train.jsonl"),
+                      val_data=str(small / "data/val.jsonl"), steps=30, batch_size=8, lr=3e-3, warmup_steps=3,
+                      eval_every=30, save_every=0, val_generate=9, log_every=10)
+    model = new_model(small / "base", seed=0)
+    trainer = Trainer(model, tok, small / "base", cfg, log=lambda msg: None)
+    batch = collate([trainer.train_set[i] for i in range(8)], tok.pad_token_id)
+    with torch.no_grad():
+        before = forward_loss(model.eval(), batch)[0].item()
+    result = trainer.train()
+    with torch.no_grad():
+        after = forward_loss(model.eval(), batch)[0].item()
+    assert after < before - 1.5, (before, after)
+    assert result["history"][-1]["step"] == 30 and "val_accuracy" in result["history"][-1]
+    folder = trainer.export(tmp_path / "model", torch.bfloat16)
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    pipe = glm4v.load(folder)
+    answer = pipe.chat([{"role": "user", "image": str(IMAGES_DIR / "img_c_112x112.png"), "content": "What colour is the circle?"}],
+                       max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+def test_bad_training_data_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\nnot json\n')
+    with pytest.raises(InputError, match="line 2"):
+        read_jsonl(path)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a", "image": "1.png"},
+                                             {"role": "assistant", "content": "b", "image": "2.png"}]}) + "\n")
+    with pytest.raises(InputError, match="one image"):
+        read_jsonl(path)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n")
+    with pytest.raises(InputError, match="no assistant"):
+        read_jsonl(path)
+    with pytest.raises(InputError, match="no such data file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def _train_cmd(small, out, steps):
+    return [sys.executable, "-m", "glm4v.cli", "train", "--config", str(small / "base/config.json"),
+            "--data", str(small / "data/train.jsonl"), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--save-every", "3", "--eval-every", "0", "--warmup-steps", "5",
+            "--threads", "1", "--save-dtype", "float32"]
+
+
+def test_sigkill_then_resume_continues_exactly_where_it_stopped(small, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    steps = 24
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(small, killed, steps), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if pointer.exists() and int(pointer.read_text().split("-")[1]) >= 6:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = latest_checkpoint(killed)
+    step = json.loads((stopped_at / "trainer_state.json").read_text())["step"]
+    assert 6 <= step < steps
+    saved = load_file(str(stopped_at / "optimizer.safetensors"))
+    assert all(v.item() == step for k, v in saved.items() if k.endswith(".step"))
+
+    resumed = subprocess.run(_train_cmd(small, killed, steps) + ["--resume"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {step}" in resumed.stderr
+
+    straight = tmp_path / "straight"
+    done = subprocess.run(_train_cmd(small, straight, steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = latest_checkpoint(killed), latest_checkpoint(straight)
+    assert a.name == b.name == f"step-{steps:08d}"
+    for name in ("model-00001-of-00001.safetensors", "optimizer.safetensors"):
+        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}: {k} differs after resume"
+    # the exported models are identical too
+    ma, mb = load_file(str(killed / "model/model-00001-of-00001.safetensors")), load_file(str(straight / "model/model-00001-of-00001.safetensors"))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_refuses_a_different_batch_size(small, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "run"
+    subprocess.run(_train_cmd(small, out, 3), cwd=REPO, env=env, capture_output=True, timeout=300, check=True)
+    cmd = _train_cmd(small, out, 6) + ["--resume"]
+    cmd[cmd.index("--batch-size") + 1] = "8"
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "batch_size" in r.stderr
+
+
+def test_batch_order_covers_every_conversation_once_and_is_reproducible(small):
+    from glm4v.train.data import batch_order
+
+    tok = load_tokenizer(small / "base")
+    ds = ConversationDataset(small / "data/train.jsonl", tok)
+    for group in (0, 2):
+        order = batch_order(ds, 5, seed=1, epoch=0, group_by_length=group)
+        assert sorted(i for b in order for i in b) == list(range(len(ds)))
+        assert order == batch_order(ds, 5, seed=1, epoch=0, group_by_length=group)
+        assert order != batch_order(ds, 5, seed=1, epoch=1, group_by_length=group)
+    # one window holds everything: each batch is a run of the length-sorted conversations
+    grouped = batch_order(ds, 5, seed=1, epoch=0, group_by_length=100)
+    spans = sorted((min(ds.length(i) for i in b), max(ds.length(i) for i in b)) for b in grouped)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+
+
+def test_curriculum_batches_come_from_the_warmup_data_first(small, tmp_path):
+    from glm4v.train.data import batch_order
+
+    synth.write_dataset(tmp_path / "easy", {"easy": 8}, seed=3)
+    tok = load_tokenizer(small / "base")
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=str(small / "data/train.jsonl"),
+                      warmup_data=str(tmp_path / "easy/easy.jsonl"), warmup_data_steps=2, batch_size=4)
+    trainer = Trainer(new_model(small / "base"), tok, small / "base", cfg, log=lambda m: None)
+    warm = batch_order(trainer.warmup_set, 4, 0, 0)
+    first = trainer._next_batch()
+    assert first["input_ids"].tolist() == collate([trainer.warmup_set[i] for i in warm[0]], tok.pad_token_id)["input_ids"].tolist()
+    trainer.step = 2
+    main = trainer._next_batch()
+    expected = batch_order(trainer.train_set, 4, 0, 0)[0]
+    assert main["input_ids"].tolist() == collate([trainer.train_set[i] for i in expected], tok.pad_token_id)["input_ids"].tolist()
+    assert trainer.batch_in_epoch == 1
