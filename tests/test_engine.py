@@ -159,3 +159,35 @@ def test_cuda_matches_cpu():
     assert torch.allclose(out.logits.cpu(), t["logits"], atol=1e-3, rtol=1e-3)
     new = gpu.generate(t["input_ids"], pixel_values=t["pixel_values"], max_new_tokens=12)
     assert torch.equal(new.cpu(), t["greedy_manual_new_ids"])
+
+
+def _bf16_copy_of_tiny(tmp_path):
+    folder = tmp_path / "tiny-bf16"
+    shutil.copytree(TINY_DIR, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["torch_dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_auto_dtype_prefers_float32_for_a_small_model_on_a_cpu_without_bf16(tmp_path, monkeypatch):
+    import glm4v.engine as engine
+
+    folder = _bf16_copy_of_tiny(tmp_path)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert glm4v.load(folder, dtype="auto").dtype == torch.float32
+    # a model too big to double keeps its bf16 weights
+    monkeypatch.setattr(engine, "AUTO_FP32_MAX_BYTES", 1000)
+    assert glm4v.load(folder, dtype="auto").dtype == torch.bfloat16
+    # an explicit dtype is always obeyed
+    monkeypatch.setattr(engine, "AUTO_FP32_MAX_BYTES", 1 << 40)
+    assert glm4v.load(folder, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_auto_dtype_keeps_the_checkpoint_dtype_where_bf16_is_native(tmp_path, monkeypatch):
+    import glm4v.engine as engine
+
+    folder = _bf16_copy_of_tiny(tmp_path)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert glm4v.load(folder, dtype="auto").dtype == torch.bfloat16
+    assert glm4v.load(TINY_DIR, dtype="auto").dtype == torch.float32

@@ -269,3 +269,23 @@ def test_curriculum_batches_come_from_the_warmup_data_first(small, tmp_path):
     expected = batch_order(trainer.train_set, 4, 0, 0)[0]
     assert main["input_ids"].tolist() == collate([trainer.train_set[i] for i in expected], tok.pad_token_id)["input_ids"].tolist()
     assert trainer.batch_in_epoch == 1
+
+
+def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emulated(tmp_path, monkeypatch, capsys):
+    import glm4v.train.cli as train_cli
+    from glm4v.cli import main
+
+    monkeypatch.setattr(train_cli, "bf16_helps", lambda device: False)
+    out = tmp_path / "smoke"
+    code = main(["train", "--recipe", "smoke", "--out", str(out), "--steps", "4", "--eval-every", "0",
+                 "--save-every", "2", "--export", str(tmp_path / "exported")])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "bf16 autocast off" in printed.out
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["config"]["autocast"] is False
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["n"] == RECIPES["smoke"].data_sizes["test"]
+    assert set(summary["eval"]["languages"]) == {"en", "zh"}
+    pipe = glm4v.load(tmp_path / "exported")
+    assert pipe.config.hidden_size == RECIPES["smoke"].dims.hidden_size

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--tokenizer", default=None, help="folder with tokenizer.model + tokenizer_config.json (with --config)")
     src.add_argument("--init", default=None, help="model folder to fine-tune (official layout; the 9B included)")
     src.add_argument("--dtype", default="float32", help="weight dtype of --init (bfloat16 halves the memory of a frozen base)")
+    src.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (where the model trains)")
     src.add_argument("--freeze-vision", action="store_true", help="freeze the ViT (the conv + GLU adapter still train); with --lora: no adapters in the vision tower")
 
     data = parser.add_argument_group("data")
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--warmup-steps", type=int, default=None)
     hp.add_argument("--weight-decay", type=float, default=None)
     hp.add_argument("--grad-clip", type=float, default=None)
-    hp.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast")
+    hp.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (a recipe's default: on where the device has bf16 units)")
     hp.add_argument("--eval-every", type=int, default=None)
     hp.add_argument("--save-every", type=int, default=None)
     hp.add_argument("--val-generate", type=int, default=None, help="validation conversations answered for accuracy")
@@ -96,7 +98,19 @@ def _dtype(name: str) -> torch.dtype:
     return resolve_dtype(name)
 
 
+def bf16_helps(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up here: not on a CPU that emulates bf16 (~8x slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from glm4v.engine import cpu_has_native_bf16
+
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def run(args) -> int:
+    from glm4v.engine import resolve_device
+
+    args.device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = [flag for flag in ("recipe", "config", "init") if getattr(args, flag)]
@@ -133,11 +147,14 @@ def run_recipe(args) -> int:
         warmup_data=str(data_dir / "easy.jsonl") if "easy" in recipe.data_sizes else None,
         max_length=recipe.dims.seq_length,
     )
+    if args.autocast is None and cfg.autocast and not bf16_helps(args.device):
+        cfg.autocast = False
+        print(f"bf16 autocast off: {args.device} has no native bf16 matmul (it would be slower than float32)", flush=True)
     if args.resume:
         check_resume_config(out, cfg)
     from glm4v.tokenizer import load_tokenizer
 
-    model = new_model(base, cfg.seed)
+    model = new_model(base, cfg.seed).to(args.device)
     trainer = Trainer(model, load_tokenizer(base), base, cfg)
     if args.resume:
         trainer.resume()
@@ -171,7 +188,7 @@ def run_custom(args) -> int:
         if not (base / "tokenizer.model").exists():
             raise InputError(f"no tokenizer.model in {tok_dir}; pass --tokenizer")
         cfg = _train_config(args, out_dir=str(out), train_data=args.data, val_data=args.val_data)
-        model = new_model(base, cfg.seed)
+        model = new_model(base, cfg.seed).to(args.device)
         tokenizer = load_tokenizer(base)
         from glm4v.engine import check_tokenizer_matches
 
@@ -181,7 +198,7 @@ def run_custom(args) -> int:
 
         base = Path(args.init)
         cfg = _train_config(args, out_dir=str(out), train_data=args.data, val_data=args.val_data, val_generate=0)
-        pipe = glm4v.load(base, dtype=args.dtype)
+        pipe = glm4v.load(base, dtype=args.dtype, device=args.device)
         model, tokenizer = pipe.model, pipe.tokenizer
         if not args.lora:
             model.requires_grad_(True)

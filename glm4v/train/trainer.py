@@ -242,7 +242,8 @@ def model_tensors(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torc
     """Official-name tensors to save (the RoPE table is rebuilt from the config, not stored)."""
     out = {}
     for name, t in model.state_dict().items():
-        out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() and name != "transformer.rotary_pos_emb.inv_freq" else t
+        keep = dtype is None or not t.is_floating_point() or name == "transformer.rotary_pos_emb.inv_freq"
+        out[name] = (t if keep else t.to(dtype)).cpu()
     return out
 
 
