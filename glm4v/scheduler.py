@@ -325,7 +325,6 @@ class Scheduler:
         self.stats["prefill_seconds"] += time.monotonic() - started
         if logits is None:
             return
-        self._prefilling = None
         request._prefill = None
         self.stats["prefill_tokens"] += request.prefilled_tokens
         self.stats["cached_tokens"] += request.cached_tokens
@@ -335,6 +334,9 @@ class Scheduler:
             self._announce(request)
         else:
             self._join(request)
+        # only now: submit() counts free rows without waiting for this thread, and a request that is
+        # neither prefilling nor active for an instant would let one more in than the queue limit
+        self._prefilling = None
 
     def _join(self, request: Request) -> None:
         """Copy the scratch row into the next batch row: the request decodes from the next step."""

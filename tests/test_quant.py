@@ -39,10 +39,16 @@ def test_int4_pack_roundtrip(blocks, k_half, seed):
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"), reason="no CPU int4 kernel")
-def test_int4_layout_is_torchs_cpu_layout():
+def test_int4_kernel_is_used_only_where_torch_reads_our_layout():
+    # torch packs int4 for its CPU kernel in an ISA-dependent layout: the AVX-512 build's layout is
+    # ours, an AVX2-only CPU packs differently, and there the layers must expand-and-matmul instead.
     codes = torch.randint(0, 16, (192, 256), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), quant.pack_int4(codes.to(torch.uint8)))
-    assert quant.cpu_int4_kernel_ok()
+    same = torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), quant.pack_int4(codes.to(torch.uint8)))
+    assert quant.cpu_int4_kernel_ok() == same
+    from glm4v.kernels import cpu_has_avx512_bf16
+
+    if cpu_has_avx512_bf16():
+        assert same, "torch's AVX-512 int4 layout changed"
 
 
 def test_int8_roundtrip_of_representable_weight_is_exact():
@@ -102,7 +108,10 @@ def test_every_step_size_matches_the_dequantised_matmul(dtype, fmt, shape):
         assert err < tol, f"{fmt} {dtype} M={tokens}: relative error {err:.2e}"
 
 
-def test_kernel_is_picked_by_tokens_per_step(monkeypatch):
+@pytest.mark.parametrize("kernel_ok", [True, False])
+def test_kernel_is_picked_by_tokens_per_step(monkeypatch, kernel_ok):
+    # whether torch's int4 kernel reads our layout depends on the CPU (see the layout test)
+    monkeypatch.setattr(quant, "cpu_int4_kernel_ok", lambda: kernel_ok)
     layer = QuantizedLinear.from_weight(torch.randn(128, 128), None, "int4", 64, torch.bfloat16)
     calls = []
     monkeypatch.setattr(QuantizedLinear, "_kernel", lambda self, x: calls.append(("kernel", x.shape[0])) or x @ quant.dequantize(self).t())
@@ -112,7 +121,8 @@ def test_kernel_is_picked_by_tokens_per_step(monkeypatch):
     limit = quant.KERNEL_MAX_TOKENS["int4"]
     for m in (1, limit, limit + 1, 500):
         layer(torch.randn(m, 128, dtype=torch.bfloat16))
-    assert calls == [("kernel", 1), ("kernel", limit), ("expand", limit + 1), ("expand", 500)]
+    small = "kernel" if kernel_ok else "expand"
+    assert calls == [(small, 1), (small, limit), ("expand", limit + 1), ("expand", 500)]
 
 
 def test_expansion_in_slices_equals_one_piece(monkeypatch):
