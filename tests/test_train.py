@@ -271,6 +271,29 @@ def test_curriculum_batches_come_from_the_warmup_data_first(small, tmp_path):
     assert trainer.batch_in_epoch == 1
 
 
+
+def test_warmup_data_keeps_a_decaying_share_of_the_steps_after_the_warmup(small, tmp_path):
+    synth.write_dataset(tmp_path / "easy", {"easy": 8}, seed=3)
+    tok = load_tokenizer(small / "base")
+
+    def decisions(mix):
+        cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=str(small / "data/train.jsonl"),
+                          warmup_data=str(tmp_path / "easy/easy.jsonl"), warmup_data_steps=100,
+                          warmup_data_mix=mix, steps=2100, batch_size=4)
+        trainer = Trainer(new_model(small / "base"), tok, small / "base", cfg, log=lambda m: None)
+        out = []
+        for step in range(cfg.steps):
+            trainer.step = step
+            out.append(trainer._warmup_step())
+        return out
+
+    mixed = decisions(0.5)
+    assert all(mixed[:100])  # the warm-up itself
+    early, late = sum(mixed[100:600]) / 500, sum(mixed[1600:2100]) / 500
+    assert 0.38 < early < 0.52 and late < 0.12, (early, late)  # expected ~0.44 and ~0.06
+    assert mixed == decisions(0.5)  # a pure function of the step: a resumed run replays it
+    assert not any(decisions(0.0)[100:])
+
 def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emulated(tmp_path, monkeypatch, capsys):
     import glm4v.train.cli as train_cli
     from glm4v.cli import main
@@ -289,3 +312,28 @@ def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emu
     assert set(summary["eval"]["languages"]) == {"en", "zh"}
     pipe = glm4v.load(tmp_path / "exported")
     assert pipe.config.hidden_size == RECIPES["smoke"].dims.hidden_size
+
+
+def test_length_pieces_give_the_whole_batch_gradient_with_less_padding(small, tmp_path):
+    from glm4v.train.trainer import split_by_length
+
+    tok = load_tokenizer(small / "base")
+    grads = {}
+    for pieces in (1, 3):
+        cfg = TrainConfig(out_dir=str(tmp_path / f"run{pieces}"), train_data=str(small / "data/train.jsonl"),
+                          steps=1, batch_size=8, eval_every=0, save_every=0, length_pieces=pieces, grad_clip=0)
+        model = new_model(small / "base", seed=0)
+        trainer = Trainer(model, tok, small / "base", cfg, log=lambda msg: None)
+        params = dict(model.named_parameters())
+        trainer.optimizer.step = lambda: grads.__setitem__(pieces, {n: p.grad.clone() for n, p in params.items()
+                                                                    if p.grad is not None})
+        trainer.train()
+    assert grads[1].keys() == grads[3].keys()
+    for name, g in grads[1].items():
+        assert torch.allclose(grads[3][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), name
+    samples = trainer._next_samples()
+    pieces = split_by_length(samples, 3)
+    assert [len(p) for p in pieces] == [3, 3, 2]
+    assert sorted(map(id, sum(pieces, []))) == sorted(map(id, samples))
+    lengths = [len(s.input_ids) for p in pieces for s in p]
+    assert lengths == sorted(lengths)

@@ -67,8 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--vision-lr-scale", type=float, default=None, help="learning-rate factor of the vision encoder")
     hp.add_argument("--group-by-length", type=int, default=None, metavar="K",
                     help="batch conversations of similar length (windows of K batches; 0 = random batches)")
+    hp.add_argument("--length-pieces", type=int, default=None, metavar="K",
+                    help="run each batch as K pieces of similar length (same update, less padding)")
     hp.add_argument("--warmup-data", default=None, help="JSONL whose batches come first (a curriculum)")
     hp.add_argument("--warmup-data-steps", type=int, default=None, help="how many steps use --warmup-data")
+    hp.add_argument("--warmup-data-mix", type=float, default=None, metavar="P",
+                    help="after those steps, draw a step from --warmup-data with probability P decaying to 0")
     hp.add_argument("--vision-freeze-steps", type=int, default=None,
                     help="keep the vision tower and adapter at their initial weights for this many steps")
     hp.add_argument("--save-dtype", default=None, help="dtype of the exported model (bfloat16, float32)")

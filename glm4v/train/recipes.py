@@ -211,7 +211,9 @@ class Recipe:
     vision_lr_scale: float = 1.0
     vision_freeze_steps: int = 0
     warmup_data_steps: int = 600  # first steps on single-object questions (the "easy" split)
+    warmup_data_mix: float = 0.5  # then still half of the steps, decaying to none at the end
     group_by_length: int = 0  # random batches: length-sorted ones held one question kind each and stalled learning
+    length_pieces: int = 4  # each batch runs as 4 pieces of similar length: the same update, half the step time
     extra_turns: int = 2  # training conversations get up to this many more questions about their image
     threads: int = 1  # the cores are shared: one thread kept a step ~1 s where two took 5-8 s under load
 
