@@ -272,6 +272,23 @@ def test_curriculum_batches_come_from_the_warmup_data_first(small, tmp_path):
 
 
 
+def test_text_steps_train_on_the_conversations_without_their_images_first(small, tmp_path):
+    synth.write_dataset(tmp_path / "easy", {"easy": 8}, seed=3)
+    tok = load_tokenizer(small / "base")
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), train_data=str(small / "data/train.jsonl"), text_steps=2,
+                      warmup_data=str(tmp_path / "easy/easy.jsonl"), warmup_data_steps=2, batch_size=4)
+    trainer = Trainer(new_model(small / "base"), tok, small / "base", cfg, log=lambda m: None)
+    kinds = []
+    for step in range(5):
+        trainer.step = step
+        samples = trainer._next_samples()
+        kinds.append("text" if samples[0].pixels is None else "easy" if trainer._warmup_step() else "main")
+        if kinds[-1] == "text":  # the same conversations, minus the image placeholder
+            assert all(s.pixels is None and tok.boi_token_id not in s.input_ids for s in samples)
+            assert all(any(t != IGNORE for t in s.targets) for s in samples)
+    assert kinds == ["text", "text", "easy", "easy", "main"]
+    assert trainer.batch_in_epoch == 1  # only the main step consumed the epoch's order
+
 def test_warmup_data_keeps_a_decaying_share_of_the_steps_after_the_warmup(small, tmp_path):
     synth.write_dataset(tmp_path / "easy", {"easy": 8}, seed=3)
     tok = load_tokenizer(small / "base")

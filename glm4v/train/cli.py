@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="batch conversations of similar length (windows of K batches; 0 = random batches)")
     hp.add_argument("--length-pieces", type=int, default=None, metavar="K",
                     help="run each batch as K pieces of similar length (same update, less padding)")
+    hp.add_argument("--text-steps", type=int, default=None,
+                    help="first train this many steps on the conversations with their images left out")
     hp.add_argument("--warmup-data", default=None, help="JSONL whose batches come first (a curriculum)")
     hp.add_argument("--warmup-data-steps", type=int, default=None, help="how many steps use --warmup-data")
     hp.add_argument("--warmup-data-mix", type=float, default=None, metavar="P",

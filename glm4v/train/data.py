@@ -102,11 +102,14 @@ class Sample:
 class ConversationDataset:
     """Tokenises every conversation up front (cheap) and loads the image of one on demand."""
 
-    def __init__(self, path, tokenizer: GLM4Tokenizer, max_length: int = 1024):
+    def __init__(self, path, tokenizer: GLM4Tokenizer, max_length: int = 1024, drop_images: bool = False):
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.processor = ImageProcessor(tokenizer.image_size)
         self.records = read_jsonl(self.path)
+        if drop_images:  # the same conversations as text alone (no image placeholder either)
+            self.records = [Record([{k: v for k, v in m.items() if k != "image"} for m in r.messages], None, r.line, r.meta)
+                            for r in self.records]
         self.encoded = []
         for r in self.records:
             try:
