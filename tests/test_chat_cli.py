@@ -56,7 +56,10 @@ def test_one_shot_streams_the_answer_and_reads_stdin_when_piped(reference):
 def test_ctrl_c_stops_the_answer_not_the_program():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(GLM4V + ["-i", "--image", str(IMAGE_A), "--temperature", "0", "--max-new-tokens", "8000"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+                            # a test run started in the background (nohup ... &) hands SIGINT down ignored,
+                            # and Python then installs no KeyboardInterrupt handler: give the child the default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write(b"Tell a long story\n")
         proc.stdin.flush()
