@@ -262,14 +262,13 @@ def test_curriculum_batches_come_from_the_warmup_data_first(small, tmp_path):
                       warmup_data=str(tmp_path / "easy/easy.jsonl"), warmup_data_steps=2, batch_size=4)
     trainer = Trainer(new_model(small / "base"), tok, small / "base", cfg, log=lambda m: None)
     warm = batch_order(trainer.warmup_set, 4, 0, 0)
-    first = trainer._next_batch()
-    assert first["input_ids"].tolist() == collate([trainer.warmup_set[i] for i in warm[0]], tok.pad_token_id)["input_ids"].tolist()
+    first = trainer._next_samples()
+    assert [s.input_ids for s in first] == [trainer.warmup_set[i].input_ids for i in warm[0]]
     trainer.step = 2
-    main = trainer._next_batch()
+    main = trainer._next_samples()
     expected = batch_order(trainer.train_set, 4, 0, 0)[0]
-    assert main["input_ids"].tolist() == collate([trainer.train_set[i] for i in expected], tok.pad_token_id)["input_ids"].tolist()
+    assert [s.input_ids for s in main] == [trainer.train_set[i].input_ids for i in expected]
     assert trainer.batch_in_epoch == 1
-
 
 
 def test_text_steps_train_on_the_conversations_without_their_images_first(small, tmp_path):
@@ -288,6 +287,7 @@ def test_text_steps_train_on_the_conversations_without_their_images_first(small,
             assert all(any(t != IGNORE for t in s.targets) for s in samples)
     assert kinds == ["text", "text", "easy", "easy", "main"]
     assert trainer.batch_in_epoch == 1  # only the main step consumed the epoch's order
+
 
 def test_warmup_data_keeps_a_decaying_share_of_the_steps_after_the_warmup(small, tmp_path):
     synth.write_dataset(tmp_path / "easy", {"easy": 8}, seed=3)
@@ -310,6 +310,7 @@ def test_warmup_data_keeps_a_decaying_share_of_the_steps_after_the_warmup(small,
     assert 0.38 < early < 0.52 and late < 0.12, (early, late)  # expected ~0.44 and ~0.06
     assert mixed == decisions(0.5)  # a pure function of the step: a resumed run replays it
     assert not any(decisions(0.0)[100:])
+
 
 def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emulated(tmp_path, monkeypatch, capsys):
     import glm4v.train.cli as train_cli

@@ -376,9 +376,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
     # -- data position ----------------------------------------------------------------------------
-    def _next_batch(self, micro: int = 0) -> dict:
-        return collate(self._next_samples(micro), self.tokenizer.pad_token_id, "right")
-
     def _warmup_step(self) -> bool:
         """Whether this step's batches come from the warm-up data: a pure function of the step."""
         cfg = self.cfg
