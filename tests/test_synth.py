@@ -50,7 +50,7 @@ def test_written_dataset_is_deterministic_official_format_and_splits_share_no_im
         lines = path.read_text(encoding="utf-8").splitlines()
         assert len(lines) == sizes[split]
         raw = json.loads(lines[0])
-        assert set(raw) == {"messages", "id", "skill", "lang"}
+        assert set(raw) == {"messages", "id", "skill", "lang", "scene"}  # extra keys the official code ignores
         assert raw["messages"][0]["role"] == "user" and raw["messages"][0]["image"].startswith(f"images/{split}/")
         records = read_jsonl(path)  # the trainer's own reader accepts it
         digests[split] = set()

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--init", default=None, help="model folder to fine-tune (official layout; the 9B included)")
     src.add_argument("--dtype", default="float32", help="weight dtype of --init (bfloat16 halves the memory of a frozen base)")
     src.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (where the model trains)")
-    src.add_argument("--freeze-vision", action="store_true", help="freeze the ViT (the conv + GLU adapter still train); with --lora: no adapters in the vision tower")
+    src.add_argument("--freeze-vision", action="store_true", default=None,
+                     help="freeze the ViT (the conv + GLU adapter still train); with --lora: no adapters in the vision tower")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="training JSONL (official format: {\"messages\": [...]})")
@@ -77,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="after those steps, draw a step from --warmup-data with probability P decaying to 0")
     hp.add_argument("--vision-freeze-steps", type=int, default=None,
                     help="keep the vision tower and adapter at their initial weights for this many steps")
+    hp.add_argument("--vision-pretrain-steps", type=int, default=None,
+                    help="(--recipe) steps of vision pre-training on the pictures' scene labels before the conversations")
     hp.add_argument("--save-dtype", default=None, help="dtype of the exported model (bfloat16, float32)")
     hp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     hp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -161,13 +164,40 @@ def run_recipe(args) -> int:
     from glm4v.tokenizer import load_tokenizer
 
     model = new_model(base, cfg.seed).to(args.device)
+    vision_steps = recipe.vision_pretrain_steps if args.vision_pretrain_steps is None else args.vision_pretrain_steps
+    stage1 = None
+    if vision_steps:
+        stage1 = _vision_stage(model, out, data_dir, recipe, vision_steps, resume=args.resume)
     trainer = Trainer(model, load_tokenizer(base), base, cfg)
     if args.resume:
         trainer.resume()
     result = trainer.train()
+    if stage1 is not None:
+        result["vision_pretrain"] = stage1
     final = trainer.export(out / "model", _dtype(cfg.save_dtype))
     _finish(args, final, out, result, started, evaluate=(recipe.data_seed, recipe.data_sizes["test"]))
     return 0
+
+
+def _vision_stage(model, out: Path, data_dir: Path, recipe, steps: int, resume: bool) -> dict:
+    """Stage 1: vision pre-training, or (resuming) its saved result."""
+    from glm4v.train.vision_pretrain import (VISION_WEIGHTS, PretrainConfig, SceneData, load_vision,
+                                             pretrain_vision, save_vision)
+
+    weights, summary_file = out / VISION_WEIGHTS, out / "vision_pretrain.json"
+    if resume and weights.exists() and summary_file.exists():
+        load_vision(model, weights)
+        print(f"vision pre-training: loaded {weights}", flush=True)
+        return json.loads(summary_file.read_text())
+    size = model.config.vision_config.image_size
+    print(f"vision pre-training: {steps} steps on the training pictures' scene labels", flush=True)
+    cfg = PretrainConfig(steps=steps, batch_size=recipe.vision_pretrain_batch, lr=recipe.vision_pretrain_lr,
+                         seed=recipe.seed)
+    summary = pretrain_vision(model, SceneData(data_dir / "train.jsonl", size), SceneData(data_dir / "val.jsonl", size),
+                              cfg, log=lambda msg: print(msg, flush=True))
+    save_vision(model, weights)
+    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def run_custom(args) -> int:

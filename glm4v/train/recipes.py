@@ -193,12 +193,12 @@ class Recipe:
 
     name: str
     dims: ModelDims = field(default_factory=ModelDims)
-    data_sizes: dict = field(default_factory=lambda: {"test": 1260, "val": 270, "train": 36000, "easy": 9600})
+    data_sizes: dict = field(default_factory=lambda: {"test": 1260, "val": 270, "train": 36000})
     data_seed: int = 1234
     steps: int = 3000
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 1e-3  # the vision side is frozen in stage 2, so the decoder can learn fast (it collapsed the adapter at >= 5e-4 when trained with it)
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.05
@@ -210,11 +210,18 @@ class Recipe:
     save_dtype: str = "bfloat16"
     vision_lr_scale: float = 1.0
     vision_freeze_steps: int = 0
-    warmup_data_steps: int = 600  # first steps on single-object questions (the "easy" split)
-    warmup_data_mix: float = 0.5  # then still half of the steps, decaying to none at the end
+    warmup_data_steps: int = 0  # first steps on single-object questions (the "easy" split); not needed after stage 1
+    warmup_data_mix: float = 0.0  # then a share of the steps, decaying to none at the end
     group_by_length: int = 0  # random batches: length-sorted ones held one question kind each and stalled learning
     length_pieces: int = 4  # each batch runs as 4 pieces of similar length: the same update, half the step time
     extra_turns: int = 2  # training conversations get up to this many more questions about their image
+    # Stage 1 (vision_pretrain.py): the vision side learns the pictures' contents from their scene
+    # labels; stage 2 then trains the decoder on the conversations with the vision side frozen.
+    vision_pretrain_steps: int = 1500
+    vision_pretrain_lr: float = 1e-3
+    vision_pretrain_batch: int = 64
+    freeze_vision: bool = True
+    freeze_vision_adapter: bool = True
     threads: int = 2  # 1.6-1.8 s per full-data step on both cores when nothing else runs (1 thread: ~1.9 s per warm-up step)
 
     def to_dict(self) -> dict:
@@ -230,7 +237,7 @@ RECIPES = {
                        ffn_hidden_size=128, seq_length=1024, vision_hidden_size=48, vision_layers=1, vision_heads=4,
                        vision_intermediate_size=96, image_size=112, patch_size=14),
         data_sizes={"test": 36, "val": 18, "train": 180}, steps=20, batch_size=8, warmup_steps=4,
-        eval_every=10, save_every=10,
+        eval_every=10, save_every=10, vision_pretrain_steps=5, vision_pretrain_batch=8,
     ),
 }
 

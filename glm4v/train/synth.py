@@ -90,11 +90,15 @@ class Example:
     lang: str
     image: Image.Image
     messages: list[dict] = field(default_factory=list)
+    scene: dict | None = None  # what the picture shows (scene_labels), for vision pre-training
 
     def record(self, image_path: str) -> dict:
         messages = [dict(m) for m in self.messages]
         messages[0]["image"] = image_path
-        return {"messages": messages, "id": self.id, "skill": self.skill, "lang": self.lang}
+        record = {"messages": messages, "id": self.id, "skill": self.skill, "lang": self.lang}
+        if self.scene is not None:
+            record["scene"] = self.scene
+        return record
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,6 +507,22 @@ def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
     return pool + [(_pick(rng, Q_HIGHEST, lang), BAR_LETTERS[values.index(max(values))])]
 
 
+def scene_labels(scene: tuple) -> dict:
+    """What a picture shows, in names: ``{"cells": [[colour, shape] or null] * 16}`` for objects
+    (row-major grid cells, null = empty), ``{"text": "CAKE"}``, ``{"bars": [3, 7, 5]}``.
+    Written to the JSONL as ``scene`` (the official code ignores extra keys) for vision pre-training."""
+    kind = scene[0]
+    if kind in ("objects", "count", "spatial"):
+        cells: list = [None] * (GRID * GRID)
+        for o in scene[1]:
+            row, col = min(GRID - 1, int(o.y // CELL)), min(GRID - 1, int(o.x // CELL))
+            cells[row * GRID + col] = [COLOURS[o.colour][0], SHAPES[o.shape][0]]
+        return {"cells": cells}
+    if kind == "text":
+        return {"text": scene[1]}
+    return {"bars": list(scene[1])}
+
+
 def make_single(rng, lang):
     """One object, its colour or its shape: the easiest grounded question (a warm-up curriculum)."""
     objs = distinct_objects(rng, 1)
@@ -542,7 +562,7 @@ def make_example(seed: int, split: str, index: int, attempt: int = 0, extra_turn
         if n == 0:
             user["image"] = None  # filled with the path when written
         messages += [user, {"role": "assistant", "content": answer}]
-    return Example(f"{split}-{index:06d}", skill, lang, image, messages)
+    return Example(f"{split}-{index:06d}", skill, lang, image, messages, scene_labels(scene))
 
 
 def pixel_digest(image: Image.Image) -> str:

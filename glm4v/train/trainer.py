@@ -58,6 +58,10 @@ class TrainConfig:
     save_dtype: str = "bfloat16"
     log_every: int = 25
     freeze_vision: bool = False
+    # With ``freeze_vision``, also freeze the conv + GLU adapter (all of the vision side but
+    # boi/eoi): after vision pre-training (vision_pretrain.py) its output is what the decoder
+    # should learn to read, and conversation gradients would only blur it.
+    freeze_vision_adapter: bool = False
     vision_lr_scale: float = 1.0
     # Keep the whole vision side (tower + adapter) at its random initialisation for the first
     # steps: its random features already tell colours and places apart, and while the decoder is
@@ -157,11 +161,13 @@ def new_model(folder, seed: int = 0) -> GLM4VForConditionalGeneration:
     return model
 
 
-def freeze_vision_encoder(model: nn.Module) -> int:
-    """Freeze the EVA2-CLIP encoder (patch embedding + ViT blocks); the conv + GLU adapter keep training."""
+def freeze_vision_encoder(model: nn.Module, adapter: bool = False) -> int:
+    """Freeze the EVA2-CLIP encoder (patch embedding + ViT blocks), and with ``adapter`` the conv +
+    GLU adapter too; boi/eoi always keep training. Returns the number of frozen parameters."""
     vision = model.transformer.vision
     frozen = 0
-    for module in (vision.patch_embedding, vision.transformer):
+    modules = [vision.patch_embedding, vision.transformer] + ([vision.conv, vision.linear_proj] if adapter else [])
+    for module in modules:
         for p in module.parameters():
             p.requires_grad_(False)
             frozen += p.numel()
@@ -367,7 +373,8 @@ class Trainer:
             self.warmup_set = ConversationDataset(cfg.warmup_data, tokenizer, cfg.max_length)
             self.warmup_order = batch_order(self.warmup_set, cfg.batch_size, cfg.seed, 0, cfg.group_by_length)
         if cfg.freeze_vision and not lora:
-            self.log(f"froze {freeze_vision_encoder(model) / 1e6:.2f}M vision encoder parameters")
+            frozen = freeze_vision_encoder(model, adapter=cfg.freeze_vision_adapter)
+            self.log(f"froze {frozen / 1e6:.2f}M vision parameters")
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.vision_lr_scale)
         self.step = 0
         self.epoch = 0
