@@ -55,13 +55,9 @@ AUTO_FP32_MAX_BYTES = 4 << 30
 
 
 def cpu_has_native_bf16() -> bool:
-    from glm4v.kernels import cpu_has_avx512_bf16
+    from glm4v.kernels import cpu_has_native_bf16 as native
 
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return cpu_has_avx512_bf16() or " amx_bf16" in flags
+    return native()
 
 
 def auto_dtype(config: GLM4VConfig, folder: Path, device: torch.device) -> torch.dtype:

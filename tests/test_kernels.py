@@ -79,3 +79,76 @@ def test_disabled_by_environment():
     out = subprocess.run([sys.executable, "-m", "glm4v.kernels"], env={**os.environ, "GLM4V_NO_KERNELS": "1"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "not used" in out.stdout
+
+
+# -- float32 for prefill-sized bf16 products on CPUs that emulate bf16 --------------------------------
+
+@pytest.fixture
+def emulated_bf16(monkeypatch):
+    import glm4v.kernels as kernels
+
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
+    return kernels
+
+
+def test_prefill_sized_bf16_products_run_in_float32_where_bf16_is_emulated(emulated_bf16, monkeypatch):
+    from glm4v.model.language import Linear
+
+    k = emulated_bf16
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 96, generator=gen).to(torch.bfloat16)
+    b = torch.randn(40, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, k.UPCAST_MIN_ROWS // 2, 96, generator=gen).to(torch.bfloat16)  # 8 rows over a batch of 2
+    want = F.linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(k.upcast_linear(x, w, b), want)
+        layer = Linear(96, 40).to(torch.bfloat16)
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+        assert torch.equal(layer(x), want)
+        # decode-sized products and other dtypes keep their own kernels
+        assert k.upcast_linear(x[:1, :1], w, b) is None
+        assert k.upcast_linear(x.float(), w.float()) is None
+    # under autograd a float32 copy of the weight would stay alive for backward
+    w.requires_grad_(True)
+    assert k.upcast_linear(x, w) is None
+    monkeypatch.setattr(k, "cpu_has_native_bf16", lambda: True)
+    with torch.inference_mode():
+        assert k.upcast_linear(x, w.detach()) is None
+
+
+def test_prefill_attention_runs_in_float32_and_decode_attention_does_not(emulated_bf16, monkeypatch):
+    from glm4v.model.language import grouped_attention
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 12, 16, generator=gen).to(torch.bfloat16)
+    kv = torch.randn(2, 1, 2, 12, 16, generator=gen).to(torch.bfloat16)
+    want = F.scaled_dot_product_attention(q.float(), kv[0].float(), kv[1].float(), is_causal=True, enable_gqa=True)
+    with torch.inference_mode():
+        got = grouped_attention(q, kv[0], kv[1], None, causal=True)
+        assert torch.equal(got, want.to(torch.bfloat16))
+        calls = []
+        monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **kw: calls.append(self.shape) or self.to(torch.float32))
+        grouped_attention(q[:, :, :1], kv[0], kv[1], None, causal=False)  # decode: 1 query token, 2x2 folded rows
+        assert calls == []
+
+
+def test_bf16_model_on_a_cpu_that_emulates_bf16_is_closer_to_float32(emulated_bf16, monkeypatch):
+    """The tiny model in bf16, prefill with an image: float32 products keep it at least as close to fp32."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import CASES_DIR
+
+    case = load_file(str(CASES_DIR / "02_image_single" / "tensors.safetensors"))
+    ids, pixels = case["input_ids"], case["pixel_values"]
+    fp32 = glm4v.load(TINY_DIR, dtype="float32").model
+    bf16 = glm4v.load(TINY_DIR, dtype="bfloat16").model
+    with torch.inference_mode():
+        ref = fp32(ids, pixel_values=pixels).logits
+        up = bf16(ids, pixel_values=pixels).logits.float()
+        monkeypatch.setattr(emulated_bf16, "cpu_has_native_bf16", lambda: True)
+        plain = bf16(ids, pixel_values=pixels).logits.float()
+    assert torch.allclose(case["logits"], ref, atol=1e-4, rtol=1e-4)
+    err_up, err_plain = (up - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert not torch.equal(up, plain)  # the two paths really differ
+    assert err_up <= err_plain * 1.05 + 1e-3, (err_up, err_plain)

@@ -16,11 +16,20 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 # Above this many token rows a decode kernel loses to torch's matmul (and the kernel takes 4 at most).
 MAX_ROWS = 4
+
+
+# On a CPU without bf16 units (AVX2-only, or AVX-512 without BF16) torch emulates bf16 matmuls at
+# ~1/8 of its float32 speed; measured on an AVX2 EPYC, one thread, [M,1024]x[1024,2048]: M=512 409 ms
+# in bf16 vs 56 ms converting both to float32 first, M=64 41 vs 11 ms, M=16 (1024 wide) 4.6 vs 2.2 ms,
+# M=1 0.34 vs 0.55 ms. So from this many token rows on (prefill, the vision tower) products of bf16
+# weights run in float32; below it (decode) reading the half-size bf16 weight wins.
+UPCAST_MIN_ROWS = 8
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -29,6 +38,60 @@ def cpu_has_avx512_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise torch emulates it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return cpu_has_avx512_bf16() or " amx_bf16" in flags
+
+
+def upcast_helps(x: torch.Tensor) -> bool:
+    """Whether a bf16 product with ``x`` (token rows x features) is faster in float32 here."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() > 0 and x.shape[-1] > 0
+            and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS and not cpu_has_native_bf16())
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x @ weight.T (+ bias) computed in float32 and returned in bf16, or None when that is not faster.
+
+    Not under autograd: backward would keep a float32 copy of every weight alive.
+    """
+    if weight.dtype != torch.bfloat16 or not upcast_helps(x):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(torch.bfloat16)
+
+
+def upcast_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride) -> torch.Tensor | None:
+    """The vision tower's patch and 2x2 convolutions (unpadded) like ``upcast_linear``: float32 or None."""
+    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or cpu_has_native_bf16():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    out = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride)
+    return out.to(torch.bfloat16)
+
+
+def upcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA in float32 when bf16 would be emulated and the query is long enough; else as given.
+
+    Decode (a few query tokens against a long cache) stays in bf16: converting the cache every step
+    would cost more than the product.
+    """
+    if (q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-2] < UPCAST_MIN_ROWS or cpu_has_native_bf16()
+            or torch.is_grad_enabled() and q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.dtype != torch.bool:
+        kwargs["attn_mask"] = mask.float()
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
 
 
 @functools.lru_cache(maxsize=None)

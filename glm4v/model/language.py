@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
-from glm4v.kernels import bf16_linear
+from glm4v.kernels import UPCAST_MIN_ROWS, bf16_linear, upcast_attention, upcast_linear
 
 
 class RMSNorm(nn.Module):
@@ -157,14 +157,17 @@ def build_step(
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose decode-sized bf16 products on a CPU go to glm4v.kernels.
+    """``nn.Linear`` whose bf16 products on a CPU go to glm4v.kernels where that is faster.
 
-    Same parameters and math; only the kernel differs (torch's bf16 GEMV streams weights at a
-    fraction of the memory bandwidth). Training, prefill and other dtypes use F.linear.
+    Same parameters and math; only the kernel differs: decode-sized products use the AVX512-BF16
+    GEMV (torch's streams weights at a fraction of the memory bandwidth), and on CPUs that emulate
+    bf16, prefill-sized ones run in float32. Training and other dtypes use F.linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = bf16_linear(x, self.weight, self.bias)
+        if out is None:
+            out = upcast_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) if out is None else out
 
 
@@ -215,14 +218,16 @@ def grouped_attention(q, k, v, mask, causal: bool) -> torch.Tensor:
     B, H, L, hd = q.shape
     G = k.shape[1]
     rep = H // G
+    # (folded, a decode step has rep*L query rows; whether float32 pays off depends on L alone)
+    attend = upcast_attention if L >= UPCAST_MIN_ROWS else F.scaled_dot_product_attention
     if causal:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
+        return attend(q, k, v, is_causal=True, enable_gqa=rep > 1)
     if L <= 16 or mask is not None:
         folded = q.reshape(B, G, rep * L, hd)
         folded_mask = None if mask is None else mask.repeat(1, 1, rep, 1)
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=folded_mask)
+        out = attend(folded, k, v, attn_mask=folded_mask)
         return out.view(B, H, L, hd)
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=rep > 1)
+    return attend(q, k, v, enable_gqa=rep > 1)
 
 
 class MLP(nn.Module):

@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig, VisionConfig
+from glm4v.kernels import upcast_attention, upcast_conv2d
+from glm4v.model.language import Linear
+
+
+def run_conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    out = upcast_conv2d(x, layer.weight, layer.bias, layer.stride)
+    return layer(x) if out is None else out
 
 
 class PatchEmbedding(nn.Module):
@@ -21,7 +28,7 @@ class PatchEmbedding(nn.Module):
         self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.proj(images).flatten(2).transpose(1, 2)
+        x = run_conv(self.proj, images).flatten(2).transpose(1, 2)
         cls = self.cls_embedding.expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight[None]
 
@@ -30,21 +37,21 @@ class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         qkv = self.query_key_value(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = upcast_attention(qkv[0], qkv[1], qkv[2])
         return self.dense(out.transpose(1, 2).reshape(B, L, D))
 
 
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -82,11 +89,11 @@ class GLU(nn.Module):
     def __init__(self, config: GLM4VConfig):
         super().__init__()
         d, ffn = config.hidden_size, config.ffn_hidden_size
-        self.linear_proj = nn.Linear(d, d, bias=False)
+        self.linear_proj = Linear(d, d, bias=False)
         self.norm1 = nn.LayerNorm(d)
-        self.gate_proj = nn.Linear(d, ffn, bias=False)
-        self.dense_h_to_4h = nn.Linear(d, ffn, bias=False)
-        self.dense_4h_to_h = nn.Linear(ffn, d, bias=False)
+        self.gate_proj = Linear(d, ffn, bias=False)
+        self.dense_h_to_4h = Linear(d, ffn, bias=False)
+        self.dense_4h_to_h = Linear(ffn, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm1(self.linear_proj(x)))
@@ -115,7 +122,7 @@ class EVA2CLIPModel(nn.Module):
         x = x[:, 1:]
         B, N, D = x.shape
         grid = int(round(N**0.5))
-        x = self.conv(x.view(B, grid, grid, D).permute(0, 3, 1, 2))
+        x = run_conv(self.conv, x.view(B, grid, grid, D).permute(0, 3, 1, 2))
         inter["conv"] = x
         # Through the adapter as 2-D rows: the 3-D view of the conv output has a batch stride that
         # makes F.linear take a batched matmul that copies each weight (70 ms for the 4096x4096 one).
