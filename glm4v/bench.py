@@ -208,7 +208,7 @@ def run_benchmark(options: dict, log=_log) -> dict:
             report["formats"][fmt] = result
         if not options["skip_limits"]:
             limits.append(measure_limits(options["device"]))
-        report.update(_merge_limits(limits))
+        report.update(_merge_limits(limits, options["device"]))
         report["decode_overhead"] = measure_step_overhead(options["device"])
         _add_fractions(report)
     finally:
@@ -283,12 +283,29 @@ def _l3_bytes() -> int:
 MATMUL_SHAPES = {"prefill_mlp": (1650, 4096, 27392), "vision_mlp": (6401, 1792, 15360)}
 
 
+def _bf16_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    from glm4v.kernels import upcast_linear
+
+    out = upcast_linear(a, w)
+    return F.linear(a, w) if out is None else out
+
+
+def matmul_compute_dtype(device="cpu") -> str:
+    """What the peak (and the model's prefill) multiplies in on ``device``."""
+    from glm4v.kernels import cpu_has_native_bf16
+
+    return "float32 (bf16 is emulated on this CPU)" if torch.device(device).type == "cpu" and not cpu_has_native_bf16() else "bf16"
+
+
 def measure_limits(device="cpu", repeats: int = 5, buffer_bytes: int | None = None, shapes: dict | None = None) -> dict:
     """Streaming read bandwidth (GB/s) and bf16 matmul throughput (GFLOP/s), medians of ``repeats``.
 
     Bandwidth: an fp32 sum over a buffer 4x the last-level cache (at least 2 GB), which reads every
     byte once at close to the memory limit. Matmul: bf16 products shaped like the prefill MLP and
-    the vision MLP; the faster of the two is the peak the model's matmuls are compared with.
+    the vision MLP; the faster of the two is the peak the model's matmuls are compared with. The
+    products take the path the model's layers take for bf16 weights: bf16 where the hardware has
+    it, float32 where bf16 would be emulated (glm4v.kernels.upcast_linear), so the peak is the
+    fastest way this machine has to multiply them.
     """
     size = buffer_bytes or (max(2 << 30, 4 * _l3_bytes()) if torch.device(device).type == "cpu" else 4 << 30)
     buf = torch.ones(size // 4, dtype=torch.float32, device=device)
@@ -298,12 +315,12 @@ def measure_limits(device="cpu", repeats: int = 5, buffer_bytes: int | None = No
     for name, (m, k, n) in (shapes or MATMUL_SHAPES).items():
         a = torch.randn(m, k, device=device).to(torch.bfloat16)
         w = torch.randn(n, k, device=device).to(torch.bfloat16)
-        peaks[name] = statistics.median(2 * m * k * n / t / 1e9 for t in _timed(lambda: F.linear(a, w), 3, device))
+        peaks[name] = statistics.median(2 * m * k * n / t / 1e9 for t in _timed(lambda: _bf16_product(a, w), 3, device))
         del a, w
     return {"bandwidth_samples": bw, "matmul_gflops_by_shape": peaks}
 
 
-def _merge_limits(limits: list[dict]) -> dict:
+def _merge_limits(limits: list[dict], device="cpu") -> dict:
     if not limits:
         return {"bandwidth_gbs": None, "matmul_gflops": None}
     bw = [s for lim in limits for s in lim["bandwidth_samples"]]
@@ -312,6 +329,7 @@ def _merge_limits(limits: list[dict]) -> dict:
     return {
         "bandwidth_gbs": statistics.median(bw), "bandwidth_gbs_best": max(bw),
         "matmul_gflops": peak,
+        "matmul_compute_dtype": matmul_compute_dtype(device),
         "matmul_gflops_by_shape": {k: [lim["matmul_gflops_by_shape"][k] for lim in limits] for k in limits[0]["matmul_gflops_by_shape"]},
     }
 
@@ -720,7 +738,8 @@ def format_table(report: dict) -> str:
     ]
     if report.get("bandwidth_gbs"):
         lines.append(f"machine limits (measured in this run): memory bandwidth {report['bandwidth_gbs']:.1f} GB/s "
-                     f"(best {report['bandwidth_gbs_best']:.1f}), bf16 matmul {report['matmul_gflops']:.0f} GFLOP/s")
+                     f"(best {report['bandwidth_gbs_best']:.1f}), matmul of bf16 weights {report['matmul_gflops']:.0f} GFLOP/s"
+                     f" in {report.get('matmul_compute_dtype', 'bf16')}")
     rows = [
         ("load time (s)", "load_s", "{:.1f}"),
         ("load peak RSS (GB)", "load_peak_rss_gb", "{:.2f}"),

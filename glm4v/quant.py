@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.errors import CheckpointError, InputError
+from glm4v.kernels import upcast_helps
 
 FORMATS = ("bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -295,7 +296,10 @@ class QuantizedLinear(nn.Module):
 
     def _expand_and_matmul(self, x: torch.Tensor) -> torch.Tensor:
         N, K = self.out_features, self.in_features
-        dtype = x.dtype
+        out_dtype = x.dtype
+        # bf16 activations on a CPU that emulates bf16: expand the weight to float32 instead
+        dtype = torch.float32 if upcast_helps(x) else x.dtype
+        x = x.to(dtype)
         rows = max(INT4_BLOCK_ROWS, (EXPAND_CHUNK_ELEMENTS // K) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
         buf = _scratch_buffer(min(rows, N) * K, dtype, x.device)
         pieces = []
@@ -310,7 +314,8 @@ class QuantizedLinear(nn.Module):
             else:
                 pieces.append(x @ self._expand_int4_transposed(start, stop, buf[: n * K].view(K, n), dtype))
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        return out.mul_(self.weight_scale.to(dtype)) if self.bits == 8 else out
+        out = out.mul_(self.weight_scale.to(dtype)) if self.bits == 8 else out
+        return out.to(out_dtype)
 
     def _expand_int4_transposed(self, start: int, stop: int, out_kn: torch.Tensor, dtype) -> torch.Tensor:
         """Decode rows [start, stop) into ``out_kn`` as W^T [K, n].

@@ -46,6 +46,9 @@ def monkeypatch_module():
 def test_report_has_every_required_number(report):
     json.dumps(report)  # one JSON object
     assert report["bandwidth_gbs"] > 0 and report["matmul_gflops"] > 0
+    from glm4v.kernels import cpu_has_native_bf16
+
+    assert report["matmul_compute_dtype"] == ("bf16" if cpu_has_native_bf16() else "float32 (bf16 is emulated on this CPU)")
     assert report["extrapolated_to"] == {"lm_layers": 40, "vision_layers": 63}
     assert report["depth"] == {"lm_layers": 2, "vision_layers": 1}
     for fmt in ("bf16", "int4"):

@@ -89,11 +89,15 @@ def test_constant_and_zero_weights_do_not_divide_by_zero():
 # -- kernels ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fmt,shape", [("int8", (192, 256)), ("int4", (192, 256)), ("int8", (48, 64))])
-def test_every_step_size_matches_the_dequantised_matmul(dtype, fmt, shape):
-    """Decode-size steps take the weight-only kernel, larger ones the expanded bf16 matmul: both
-    must compute x @ W_dequantised^T + b."""
+def test_every_step_size_matches_the_dequantised_matmul(dtype, fmt, shape, native_bf16, monkeypatch):
+    """Decode-size steps take the weight-only kernel, larger ones the expanded matmul (bf16, or
+    float32 on a CPU that emulates bf16): all must compute x @ W_dequantised^T + b."""
+    import glm4v.kernels
+
+    monkeypatch.setattr(glm4v.kernels, "cpu_has_native_bf16", lambda: native_bf16)
     torch.manual_seed(3)
     linear = nn.Linear(shape[1], shape[0], bias=True).to(dtype)
     layer = QuantizedLinear.from_linear(linear, fmt, 64)
