@@ -15,7 +15,7 @@ from glm4v.train.data import IGNORE
 from glm4v.train.recipes import RECIPES, write_model_folder
 from glm4v.train.trainer import TrainConfig, Trainer, freeze_vision_encoder, new_model
 from glm4v.train.vision_pretrain import (
-    CELLS, COLOUR_CLASSES, SHAPE_CLASSES, TARGET_WIDTH, TEXT_CLASSES, PretrainConfig, SceneData, SceneHeads,
+    CELLS, CHARACTERS, CHARS_AT, COLOUR_CLASSES, SHAPE_CLASSES, TARGET_WIDTH, TEXT_CLASSES, PretrainConfig, SceneData, SceneHeads,
     evaluate, load_vision, pretrain_vision, save_vision, scene_targets,
 )
 from tests.conftest import REAL_TOKENIZER_DIR
@@ -39,6 +39,13 @@ def test_scene_labels_put_each_object_in_the_cell_it_was_drawn_in():
         scene = ex.scene
         if "text" in scene:  # text questions, and multiple choice about text
             assert ex.skill in ("text", "choice") and scene["text"] in ex.messages[0]["content"] + ex.messages[1]["content"]
+            assert "".join(ch for ch, _ in scene["chars"]) == scene["text"]
+            cells = [cell for _, cell in scene["chars"]]
+            assert cells == sorted(cells) and len({c // synth.GRID for c in cells}) == 1  # one line, left to right
+            for ch, cell in scene["chars"]:  # ink in the character's cell
+                row, col = divmod(cell, synth.GRID)
+                box = ex.image.crop((col * synth.CELL, row * synth.CELL, (col + 1) * synth.CELL, (row + 1) * synth.CELL))
+                assert box.convert("L").getextrema()[0] < 120
             continue
         if "bars" in scene:
             assert ex.skill == "chart"
@@ -75,11 +82,14 @@ def test_scene_targets_by_hand():
     assert len(t) == TARGET_WIDTH
     assert t[5] == COLOUR_CLASSES.index("blue") and t[CELLS + 5] == SHAPE_CLASSES.index("star")
     assert t[0] == COLOUR_CLASSES.index("empty") and t[CELLS] == SHAPE_CLASSES.index("empty")
-    assert t[2 * CELLS:] == [IGNORE] * 6
-    t = scene_targets({"text": "42"})
+    assert t[2 * CELLS:] == [IGNORE] * (TARGET_WIDTH - 2 * CELLS)
+    t = scene_targets({"text": "42", "chars": [["4", 6], ["2", 6]]})
     assert t[2 * CELLS] == TEXT_CLASSES.index("42") and t[:2 * CELLS] == [IGNORE] * (2 * CELLS)
+    masks = t[CHARS_AT:]
+    assert masks[6] == (1 << CHARACTERS.index("4")) | (1 << CHARACTERS.index("2")) and masks.count(0) == CELLS - 1
     t = scene_targets({"bars": [3, 8, 1]})
-    assert t[2 * CELLS + 1:] == [3, 8, 1, 0, 0]  # absent bars are class 0
+    assert t[2 * CELLS + 1:CHARS_AT] == [3, 8, 1, 0, 0]  # absent bars are class 0
+    assert t[CHARS_AT:] == [IGNORE] * CELLS
     with pytest.raises(InputError):
         scene_targets({"cells": [None] * 3})
 
@@ -87,9 +97,11 @@ def test_scene_targets_by_hand():
 def test_heads_loss_covers_only_what_the_picture_says():
     heads = SceneHeads(8, CELLS)
     tokens = torch.randn(2, CELLS, 8)
-    targets = torch.tensor([scene_targets({"text": "CAT"}), scene_targets({"bars": [1, 2, 3]})])
+    targets = torch.tensor([scene_targets({"text": "CAT", "chars": [["C", 1], ["A", 1], ["T", 2]]}),
+                            scene_targets({"bars": [1, 2, 3]})])
     loss, stats = heads(tokens, targets)
-    assert set(stats) == {"text", "bars"} and stats["text"][1] == 1 and stats["bars"][1] == 5
+    assert set(stats) == {"text", "bars", "chars"} and stats["text"][1] == 1 and stats["bars"][1] == 5
+    assert stats["chars"][1] == CELLS  # every cell of the one text picture
     assert torch.isfinite(loss)
     with pytest.raises(InputError):
         SceneHeads(8, 9)
@@ -111,7 +123,7 @@ def test_pretraining_learns_the_scenes_and_the_weights_round_trip(small, tmp_pat
     for name in ("transformer.encoder.layers.0.self_attention.query_key_value.weight", "transformer.vision.boi"):
         assert torch.equal(before[name], after[name])
     accuracy = evaluate(model, SceneHeads(model.config.hidden_size, CELLS), train)
-    assert set(accuracy) <= {"colour", "shape", "text", "bars"} and accuracy
+    assert set(accuracy) <= {"colour", "shape", "text", "bars", "chars"} and accuracy
 
     save_vision(model, tmp_path / "vision.safetensors")
     other = new_model(small / "base", 1)

@@ -218,6 +218,11 @@ def distinct_objects(rng: random.Random, n: int, r_range=(17, MAX_RADIUS)) -> li
 
 
 def render_text(rng: random.Random, text: str) -> Image.Image:
+    return draw_text(rng, text)[0]
+
+
+def draw_text(rng: random.Random, text: str) -> tuple[Image.Image, list[list]]:
+    """The picture of ``text`` and, per character, ``[character, grid cell of its centre]``."""
     image = Image.new("RGB", (CANVAS, CANVAS), _background(rng))
     draw = ImageDraw.Draw(image)
     size = rng.randint(50, 60) if len(text) <= 3 else rng.randint(42, 50)
@@ -228,7 +233,12 @@ def render_text(rng: random.Random, text: str) -> Image.Image:
     y = rng.uniform(12, CANVAS - h - 12) - top
     ink = tuple(rng.randint(0, 90) for _ in range(3))
     draw.text((x, y), text, font=font, fill=ink, stroke_width=2, stroke_fill=ink)
-    return image
+    row = min(GRID - 1, int((y + (top + bottom) / 2) // CELL))
+    chars = []
+    for k, ch in enumerate(text):
+        centre = x + draw.textlength(text[:k], font=font) + draw.textlength(ch, font=font) / 2
+        chars.append([ch, row * GRID + min(GRID - 1, max(0, int(centre // CELL)))])
+    return image, chars
 
 
 # Bar chart geometry: fixed slots so that bar A is always in the same place.
@@ -387,7 +397,8 @@ def make_spatial(rng, lang):
 
 def make_text(rng, lang):
     text = _text_content(rng)
-    return render_text(rng, text), [(_pick(rng, Q_TEXT, lang), text)], ("text", text)
+    image, chars = draw_text(rng, text)
+    return image, [(_pick(rng, Q_TEXT, lang), text)], ("text", text, chars)
 
 
 def _chart(rng):
@@ -432,7 +443,8 @@ def make_choice(rng, lang):
         return image, [choice_question(rng, q, n, [str(i) for i in range(1, 7)], lang)], scene
     text = _text_content(rng)
     pool = list(WORDS) if not text.isdigit() else [str(i) for i in range(10, 100)]
-    return render_text(rng, text), [choice_question(rng, _pick(rng, Q_TEXT, lang), text, pool, lang)], ("text", text)
+    image, chars = draw_text(rng, text)
+    return image, [choice_question(rng, _pick(rng, Q_TEXT, lang), text, pool, lang)], ("text", text, chars)
 
 
 def _absent_pair(rng, objs: list[Obj]) -> Obj:
@@ -509,7 +521,8 @@ def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
 
 def scene_labels(scene: tuple) -> dict:
     """What a picture shows, in names: ``{"cells": [[colour, shape] or null] * 16}`` for objects
-    (row-major grid cells, null = empty), ``{"text": "CAKE"}``, ``{"bars": [3, 7, 5]}``.
+    (row-major grid cells, null = empty), ``{"text": "CAKE", "chars": [["C", 9], ...]}`` (each
+    character with the cell of its centre), ``{"bars": [3, 7, 5]}``.
     Written to the JSONL as ``scene`` (the official code ignores extra keys) for vision pre-training."""
     kind = scene[0]
     if kind in ("objects", "count", "spatial"):
@@ -519,7 +532,7 @@ def scene_labels(scene: tuple) -> dict:
             cells[row * GRID + col] = [COLOURS[o.colour][0], SHAPES[o.shape][0]]
         return {"cells": cells}
     if kind == "text":
-        return {"text": scene[1]}
+        return {"text": scene[1], "chars": scene[2]}
     return {"bars": list(scene[1])}
 
 

@@ -8,7 +8,8 @@ that step. Every synthetic picture carries what it shows (``scene`` in the JSONL
 ``synth.scene_labels``), and small linear heads read it from the features the decoder will get --
 the GLU adapter's output, one token per grid cell:
 
-- per token: the colour and the shape of the object in its cell (or "empty");
+- per token: the colour and the shape of the object in its cell (or "empty"); on text pictures,
+  which characters have their centre in its cell (several can: a multi-label read-out);
 - per picture: the word or number written (from the mean of the tokens: a word can be anywhere,
   so its read-out must not depend on where), the height of each bar (from all tokens side by side:
   bar A is always in the same place).
@@ -39,8 +40,11 @@ TEXT_CLASSES = list(WORDS) + [str(n) for n in range(10, 100)]
 BAR_CLASSES = CHART_MAX + 1  # 0 = no bar in that slot
 CELLS = GRID * GRID
 BARS = len(BAR_LETTERS)
-# targets of one picture: CELLS colours, CELLS shapes, the text, BARS bar heights
-TARGET_WIDTH = 2 * CELLS + 1 + BARS
+CHARACTERS = sorted(set("".join(WORDS)) | set("0123456789"))
+# targets of one picture: CELLS colours, CELLS shapes, the text, BARS bar heights, then CELLS
+# bit masks (bit i: CHARACTERS[i] is centred in that cell)
+TARGET_WIDTH = 2 * CELLS + 1 + BARS + CELLS
+CHARS_AT = 2 * CELLS + 1 + BARS
 
 
 def scene_targets(scene: dict) -> list[int]:
@@ -55,9 +59,14 @@ def scene_targets(scene: dict) -> list[int]:
             targets[CELLS + k] = SHAPE_CLASSES.index(shape)
     if "text" in scene:
         targets[2 * CELLS] = TEXT_CLASSES.index(scene["text"])
+        if "chars" in scene:
+            masks = [0] * CELLS
+            for ch, cell in scene["chars"]:
+                masks[cell] |= 1 << CHARACTERS.index(ch)
+            targets[CHARS_AT:] = masks
     if "bars" in scene:
         bars = list(scene["bars"]) + [0] * (BARS - len(scene["bars"]))
-        targets[2 * CELLS + 1:] = bars
+        targets[2 * CELLS + 1:CHARS_AT] = bars
     return targets
 
 
@@ -70,6 +79,7 @@ class SceneHeads(nn.Module):
             raise InputError(f"vision pre-training needs one image token per grid cell ({CELLS}), the model has {tokens}")
         self.cell = nn.Linear(hidden, len(COLOUR_CLASSES) + len(SHAPE_CLASSES))
         self.text = nn.Linear(hidden, len(TEXT_CLASSES))
+        self.chars = nn.Linear(hidden, len(CHARACTERS))
         self.bars = nn.Linear(tokens * hidden, BARS * BAR_CLASSES)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -81,7 +91,7 @@ class SceneHeads(nn.Module):
             "colour": (cell[..., :n_colour].reshape(-1, n_colour), targets[:, :CELLS].reshape(-1)),
             "shape": (cell[..., n_colour:].reshape(-1, len(SHAPE_CLASSES)), targets[:, CELLS:2 * CELLS].reshape(-1)),
             "text": (self.text(tokens.mean(dim=1)), targets[:, 2 * CELLS]),
-            "bars": (self.bars(tokens.reshape(B, -1)).reshape(-1, BAR_CLASSES), targets[:, 2 * CELLS + 1:].reshape(-1)),
+            "bars": (self.bars(tokens.reshape(B, -1)).reshape(-1, BAR_CLASSES), targets[:, 2 * CELLS + 1:CHARS_AT].reshape(-1)),
         }
         losses, stats = [], {}
         for name, (logits, labels) in parts.items():
@@ -91,6 +101,13 @@ class SceneHeads(nn.Module):
             logits, labels = logits[keep].float(), labels[keep]
             losses.append(F.cross_entropy(logits, labels))
             stats[name] = ((logits.argmax(-1) == labels).sum().item(), labels.numel())
+        masks = targets[:, CHARS_AT:].reshape(-1)
+        keep = masks != IGNORE
+        if keep.any():
+            bits = (masks[keep, None] >> torch.arange(len(CHARACTERS), device=masks.device)) & 1
+            logits = self.chars(tokens).reshape(-1, len(CHARACTERS))[keep].float()
+            losses.append(F.binary_cross_entropy_with_logits(logits, bits.float()))
+            stats["chars"] = (((logits > 0) == bits.bool()).all(-1).sum().item(), bits.shape[0])  # cells read exactly
         return torch.stack(losses).mean(), stats
 
 
