@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh serve
-exec .venv/bin/glm4v chat --image examples/counting.png "How many stars are there in the image?"
+exec .venv/bin/glm4v chat --image examples/shapes.png "What colour is the circle?"

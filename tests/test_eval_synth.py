@@ -72,7 +72,7 @@ def test_embedded_model_is_small_complete_and_answers_the_demo_question():
     official = json.loads((REPO / "tests/fixtures/official_config.json").read_text())
     assert list(json.loads((EMBEDDED_MODEL / "config.json").read_text())) == list(official)
     demo = (REPO / "scripts/demo.sh").read_text()
-    assert "examples/counting.png" in demo and "How many stars are there in the image?" in demo
+    assert "examples/shapes.png" in demo and "What colour is the circle?" in demo
     pipe = glm4v.load()
     answer = pipe.chat([{"role": "user", "image": str(REPO / "examples/counting.png"),
                          "content": "How many stars are there in the image?"}])
@@ -80,22 +80,24 @@ def test_embedded_model_is_small_complete_and_answers_the_demo_question():
 
 
 @shipped
-@pytest.mark.xfail(strict=True, reason="issue 3: the shipped model has not learned which colour goes with which "
-                                       "shape (perception 47 % on the test split); turn this into a plain test once it has")
 def test_embedded_model_names_the_colour_of_the_circle():
     pipe = glm4v.load()
     answer = pipe.chat([{"role": "user", "image": str(REPO / "examples/shapes.png"), "content": "What colour is the circle?"}])
     assert answer.strip() == "The circle is red."
+    answer = pipe.chat([{"role": "user", "image": str(REPO / "examples/shapes.png"), "content": "图中的圆形是什么颜色的？"}])
+    assert answer.strip() == "圆形是红色的。"
 
 
 @shipped
 def test_embedded_model_answers_test_split_questions():
-    """A regression guard for the shipped model (33 % overall, counting 100 % on the full split):
-    counting is perfect and the rest is no worse than it was; issue 3's bar is the slow test below."""
+    """A regression guard for the shipped model (57.5 % overall, counting 100 %, perception 97 % on
+    the full split; 63.9 % on these 72): the learned skills stay learned; issue 3's bar is the slow
+    test below."""
     pipe = glm4v.load()
     items = items_from_examples(synth.generate_test_split(n=72))
     report = score_items(items, answer_items(pipe.model, pipe.tokenizer, items))
-    assert report["skills"]["counting"] == 1.0 and report["overall"] >= 0.25, format_table(report)
+    assert report["skills"]["counting"] == 1.0 and report["overall"] >= 0.55, format_table(report)
+    assert report["skills"]["multiturn"] >= 0.75, format_table(report)
 
 
 @shipped
@@ -128,7 +130,8 @@ def test_full_test_split_is_scored_in_under_a_minute(full_split_report):
 
 @shipped
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 3: the shipped model scores 33 % overall (see docs/TRAINING.md)")
+@pytest.mark.xfail(strict=True, reason="issue 3: the shipped model scores 57.5 % overall, spatial/text/choice/yes-no "
+                                       "below 50 % (see docs/TRAINING.md)")
 def test_full_test_split_meets_the_bar(full_split_report):
     report, _ = full_split_report
     assert report["overall"] >= 0.9 and min(report["skills"].values()) >= 0.8, format_table(report)

@@ -171,7 +171,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, o: Obj) -> None:
 # each see one 56-px cell (224 px / 28-px patches / the 2x2 conv), so an object is then one token
 # and "the colour of the circle" is one attention lookup. With objects anywhere, one object
 # straddled up to four tokens and accuracy stayed at chance; on the grid counting was learned
-# completely (100 %), colour/shape binding only partly (47 %; docs/TRAINING.md).
+# completely (100 %); colour/shape binding needed vision pre-training on top (docs/TRAINING.md).
 GRID = 4
 CELL = CANVAS // GRID
 MAX_RADIUS = CELL / 2 - 3
