@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from glm4v.errors import Glm4vError, InputError
 
@@ -283,13 +282,6 @@ def _l3_bytes() -> int:
 MATMUL_SHAPES = {"prefill_mlp": (1650, 4096, 27392), "vision_mlp": (6401, 1792, 15360)}
 
 
-def _bf16_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    from glm4v.kernels import upcast_linear
-
-    out = upcast_linear(a, w)
-    return F.linear(a, w) if out is None else out
-
-
 def matmul_compute_dtype(device="cpu") -> str:
     """What the peak (and the model's prefill) multiplies in on ``device``."""
     from glm4v.kernels import cpu_has_native_bf16
@@ -303,19 +295,21 @@ def measure_limits(device="cpu", repeats: int = 5, buffer_bytes: int | None = No
     Bandwidth: an fp32 sum over a buffer 4x the last-level cache (at least 2 GB), which reads every
     byte once at close to the memory limit. Matmul: bf16 products shaped like the prefill MLP and
     the vision MLP; the faster of the two is the peak the model's matmuls are compared with. The
-    products take the path the model's layers take for bf16 weights: bf16 where the hardware has
-    it, float32 where bf16 would be emulated (glm4v.kernels.upcast_linear), so the peak is the
+    products take the path the model's layers take for bf16 weights (glm4v.kernels.linear): bf16
+    where the hardware has it, float32 where bf16 would be emulated, so the peak is the
     fastest way this machine has to multiply them.
     """
     size = buffer_bytes or (max(2 << 30, 4 * _l3_bytes()) if torch.device(device).type == "cpu" else 4 << 30)
     buf = torch.ones(size // 4, dtype=torch.float32, device=device)
     bw = [size / t / GB for t in _timed(lambda: buf.sum(), repeats, device)]
     del buf
+    from glm4v.kernels import linear
+
     peaks = {}
     for name, (m, k, n) in (shapes or MATMUL_SHAPES).items():
         a = torch.randn(m, k, device=device).to(torch.bfloat16)
         w = torch.randn(n, k, device=device).to(torch.bfloat16)
-        peaks[name] = statistics.median(2 * m * k * n / t / 1e9 for t in _timed(lambda: _bf16_product(a, w), 3, device))
+        peaks[name] = statistics.median(2 * m * k * n / t / 1e9 for t in _timed(lambda: linear(a, w), 3, device))
         del a, w
     return {"bandwidth_samples": bw, "matmul_gflops_by_shape": peaks}
 

@@ -21,6 +21,7 @@ from glm4v.config import GLM4VConfig
 from glm4v.errors import CheckpointError, InputError
 from glm4v.generate import GenerationConfig, Sampler, TextStream, generate_steps
 from glm4v.image import ImageProcessor, image_digest, load_image
+from glm4v.kernels import cpu_has_native_bf16
 from glm4v.model.glm4v import GLM4VForConditionalGeneration, RotaryBuffer
 from glm4v.model.language import rope_table
 from glm4v.prefix_cache import PrefixCache, generate_cached
@@ -52,12 +53,6 @@ def resolve_dtype(dtype, config: GLM4VConfig | None = None) -> torch.dtype:
 # matmuls: there a bf16 product is emulated and ~8x slower than fp32 (measured on an AVX2 CPU),
 # while doubling the memory of a small model costs nothing. A large model keeps bf16: it must fit.
 AUTO_FP32_MAX_BYTES = 4 << 30
-
-
-def cpu_has_native_bf16() -> bool:
-    from glm4v.kernels import cpu_has_native_bf16 as native
-
-    return native()
 
 
 def auto_dtype(config: GLM4VConfig, folder: Path, device: torch.device) -> torch.dtype:

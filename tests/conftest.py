@@ -26,3 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+def smoke_run_folder(root: Path, sizes: dict, seed: int) -> Path:
+    """``root/base``: a smoke-recipe model folder (GLM-4 vocabulary prefix of 2,000 ranks);
+    ``root/data``: synthetic conversations of the given split sizes."""
+    from glm4v.train import synth
+    from glm4v.train.recipes import RECIPES, write_model_folder
+
+    write_model_folder(root / "base", RECIPES["smoke"].dims, REAL_TOKENIZER_DIR)
+    synth.write_dataset(root / "data", sizes, seed=seed)
+    return root

@@ -20,11 +20,11 @@ from glm4v.errors import InputError
 from glm4v.tokenizer import load_tokenizer
 from glm4v.train import synth
 from glm4v.train.data import IGNORE, ConversationDataset, collate, encode_for_training, read_jsonl
-from glm4v.train.recipes import RECIPES, config_dict, write_model_folder
+from glm4v.train.recipes import RECIPES, config_dict
 from glm4v.train.trainer import (
     TrainConfig, Trainer, forward_loss, latest_checkpoint, lr_at, new_model, sequence_positions,
 )
-from tests.conftest import IMAGES_DIR, REAL_TOKENIZER_DIR
+from tests.conftest import IMAGES_DIR, REAL_TOKENIZER_DIR, smoke_run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A smoke-sized model folder (GLM-4 vocabulary prefix of 2,000 ranks) and a little data."""
-    root = tmp_path_factory.mktemp("train")
-    write_model_folder(root / "base", RECIPES["smoke"].dims, REAL_TOKENIZER_DIR)
-    synth.write_dataset(root / "data", {"val": 9, "train": 32}, seed=2)
-    return root
+    return smoke_run_folder(tmp_path_factory.mktemp("train"), {"val": 9, "train": 32}, seed=2)
 
 
 def test_model_folder_has_the_official_config_keys_and_a_vocabulary_prefix(small):

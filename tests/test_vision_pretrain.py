@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,21 +11,17 @@ from PIL import Image
 from glm4v.errors import InputError
 from glm4v.train import synth
 from glm4v.train.data import IGNORE
-from glm4v.train.recipes import RECIPES, write_model_folder
 from glm4v.train.trainer import TrainConfig, Trainer, freeze_vision_encoder, new_model
 from glm4v.train.vision_pretrain import (
     CELLS, CHARACTERS, CHARS_AT, COLOUR_CLASSES, SHAPE_CLASSES, TARGET_WIDTH, TEXT_CLASSES, PretrainConfig, SceneData, SceneHeads,
     evaluate, load_vision, pretrain_vision, save_vision, scene_targets,
 )
-from tests.conftest import REAL_TOKENIZER_DIR
+from tests.conftest import smoke_run_folder
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vision")
-    write_model_folder(root / "base", RECIPES["smoke"].dims, REAL_TOKENIZER_DIR)
-    synth.write_dataset(root / "data", {"val": 18, "train": 72}, seed=3)
-    return root
+    return smoke_run_folder(tmp_path_factory.mktemp("vision"), {"val": 18, "train": 72}, seed=3)
 
 
 def _colour_at(image: Image.Image, x: float, y: float) -> tuple:

@@ -50,10 +50,20 @@ def cpu_has_native_bf16() -> bool:
     return cpu_has_avx512_bf16() or " amx_bf16" in flags
 
 
+def bf16_is_emulated(x: torch.Tensor) -> bool:
+    """Whether products with the bf16 CPU tensor ``x`` would run on torch's bf16 emulation."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_native_bf16()
+
+
+def _outside_autograd(*tensors: torch.Tensor) -> bool:
+    # under autograd a float32 copy of each operand would stay alive for backward
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def upcast_helps(x: torch.Tensor) -> bool:
     """Whether a bf16 product with ``x`` (token rows x features) is faster in float32 here."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() > 0 and x.shape[-1] > 0
-            and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS and not cpu_has_native_bf16())
+    return (bf16_is_emulated(x) and x.dim() > 0 and x.shape[-1] > 0
+            and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS)
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -61,32 +71,39 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Not under autograd: backward would keep a float32 copy of every weight alive.
     """
-    if weight.dtype != torch.bfloat16 or not upcast_helps(x):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if weight.dtype != torch.bfloat16 or not upcast_helps(x) or not _outside_autograd(x, weight):
         return None
     out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return out.to(torch.bfloat16)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) on the fastest path here: the decode GEMV, float32 where bf16 is
+    emulated, else ``F.linear``."""
+    out = bf16_linear(x, weight, bias)
+    if out is None:
+        out = upcast_linear(x, weight, bias)
+    return F.linear(x, weight, bias) if out is None else out
+
+
 def upcast_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride) -> torch.Tensor | None:
     """The vision tower's patch and 2x2 convolutions (unpadded) like ``upcast_linear``: float32 or None."""
-    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or cpu_has_native_bf16():
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if weight.dtype != torch.bfloat16 or not bf16_is_emulated(x) or not _outside_autograd(x, weight):
         return None
     out = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride)
     return out.to(torch.bfloat16)
 
 
-def upcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+def upcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_tokens: int | None = None,
+                     **kwargs) -> torch.Tensor:
     """SDPA in float32 when bf16 would be emulated and the query is long enough; else as given.
 
-    Decode (a few query tokens against a long cache) stays in bf16: converting the cache every step
-    would cost more than the product.
+    ``query_tokens`` (default: q's length) counts the step's tokens when q is folded (grouped
+    heads as extra rows). Decode (a few tokens against a long cache) stays in bf16: converting the
+    cache every step would cost more than the product.
     """
-    if (q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-2] < UPCAST_MIN_ROWS or cpu_has_native_bf16()
-            or torch.is_grad_enabled() and q.requires_grad):
+    tokens = q.shape[-2] if query_tokens is None else query_tokens
+    if tokens < UPCAST_MIN_ROWS or not bf16_is_emulated(q) or not _outside_autograd(q):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     mask = kwargs.get("attn_mask")
     if mask is not None and mask.dtype != torch.bool:

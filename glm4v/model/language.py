@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
-from glm4v.kernels import UPCAST_MIN_ROWS, bf16_linear, upcast_attention, upcast_linear
+from glm4v.kernels import linear, upcast_attention
 
 
 class RMSNorm(nn.Module):
@@ -165,10 +165,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = bf16_linear(x, self.weight, self.bias)
-        if out is None:
-            out = upcast_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias) if out is None else out
+        return linear(x, self.weight, self.bias)
 
 
 class SelfAttention(nn.Module):
@@ -218,16 +215,14 @@ def grouped_attention(q, k, v, mask, causal: bool) -> torch.Tensor:
     B, H, L, hd = q.shape
     G = k.shape[1]
     rep = H // G
-    # (folded, a decode step has rep*L query rows; whether float32 pays off depends on L alone)
-    attend = upcast_attention if L >= UPCAST_MIN_ROWS else F.scaled_dot_product_attention
     if causal:
-        return attend(q, k, v, is_causal=True, enable_gqa=rep > 1)
+        return upcast_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
     if L <= 16 or mask is not None:
         folded = q.reshape(B, G, rep * L, hd)
         folded_mask = None if mask is None else mask.repeat(1, 1, rep, 1)
-        out = attend(folded, k, v, attn_mask=folded_mask)
+        out = upcast_attention(folded, k, v, query_tokens=L, attn_mask=folded_mask)
         return out.view(B, H, L, hd)
-    return attend(q, k, v, enable_gqa=rep > 1)
+    return upcast_attention(q, k, v, enable_gqa=rep > 1)
 
 
 class MLP(nn.Module):

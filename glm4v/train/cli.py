@@ -111,7 +111,7 @@ def bf16_helps(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up here: not on a CPU that emulates bf16 (~8x slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from glm4v.engine import cpu_has_native_bf16
+    from glm4v.kernels import cpu_has_native_bf16
 
     return device.type == "cpu" and cpu_has_native_bf16()
 

@@ -20,7 +20,6 @@ heads are thrown away afterwards; the model keeps only its (official-layout) vis
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from glm4v.errors import InputError
 from glm4v.train.data import IGNORE, read_jsonl
 from glm4v.train.synth import BAR_LETTERS, CHART_MAX, COLOURS, GRID, SHAPES, WORDS
+from glm4v.train.trainer import lr_at
 
 COLOUR_CLASSES = [c[0] for c in COLOURS] + ["empty"]
 SHAPE_CLASSES = [s[0] for s in SHAPES] + ["empty"]
@@ -122,6 +122,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # with the three above: the schedule of trainer.lr_at
     weight_decay: float = 0.05
     seed: int = 0
     log_every: int = 100
@@ -191,11 +192,7 @@ def pretrain_vision(model, train: SceneData, val: SceneData | None, cfg: Pretrai
     smoothed = None
     history = []
     for step in range(cfg.steps):
-        if step < cfg.warmup_steps:
-            lr = cfg.lr * (step + 1) / cfg.warmup_steps
-        else:
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if len(order) < cfg.batch_size:
@@ -243,12 +240,14 @@ def load_vision(model, path) -> int:
 
     shard = SafetensorsFile(path)
     own = model.state_dict()
-    with torch.no_grad():
+    try:
         names = list(shard.keys())
-        for name in names:
-            if name not in own or own[name].shape != shard.tensor(name).shape:
-                shard.close()
-                raise InputError(f"{path}: {name} does not fit this model")
-            own[name].copy_(shard.tensor(name))
-    shard.close()
+        with torch.no_grad():
+            for name in names:
+                saved = shard.tensor(name)
+                if name not in own or own[name].shape != saved.shape:
+                    raise InputError(f"{path}: {name} does not fit this model")
+                own[name].copy_(saved)
+    finally:
+        shard.close()
     return len(names)
