@@ -128,3 +128,28 @@ def test_example_pictures_in_the_repository_are_the_generators():
             assert shipped.convert("RGB").tobytes() == image.tobytes(), name
         assert question and answer
     assert synth.example_images()["shapes.png"][1] == "What colour is the circle?"
+
+
+def test_extra_questions_ask_for_comparisons_with_the_right_answers():
+    import random
+
+    rng = random.Random(5)
+    objs = synth.distinct_objects(rng, 3)
+    pool = synth.extra_questions(rng, ("objects", objs), "en")
+    present = {synth.thing(o, "en") for o in objs}
+    choices = [(q, a) for q, a in pool if "\nA. " in q]
+    is_colour = [(q, a) for q, a in pool if q.startswith("Is the ") and " in the image" not in q]
+    assert len(choices) == len(objs) and len(is_colour) == len(objs)
+    for q, a in choices:  # the option under the letter answers the question about a drawn object
+        options = dict(line.split(". ", 1) for line in q.split("\n")[1:5])
+        subject = q.split("\n")[0]
+        picked = options[a]
+        assert any(picked in name and (name.split()[0] in subject or name.split()[1] in subject) for name in present)
+    for q, a in is_colour:
+        shape, colour = q[len("Is the "):-1].split(" ")
+        assert a == ("Yes." if f"{colour} {shape}" in present else "No.")
+    text_pool = synth.extra_questions(rng, ("text", "CAKE", []), "zh")
+    assert len(text_pool) == 1 and "CAKE" in text_pool[0][0] and text_pool[0][1] in "ABCD"
+    count_pool = synth.extra_questions(rng, ("count", objs[:2]), "en")
+    q, a = count_pool[0]
+    assert dict(line.split(". ", 1) for line in q.split("\n")[1:5])[a] == "2"

@@ -13,8 +13,9 @@ from glm4v.train import synth
 from glm4v.train.data import IGNORE
 from glm4v.train.trainer import TrainConfig, Trainer, freeze_vision_encoder, new_model
 from glm4v.train.vision_pretrain import (
-    CELLS, CHARACTERS, CHARS_AT, COLOUR_CLASSES, SHAPE_CLASSES, TARGET_WIDTH, TEXT_CLASSES, PretrainConfig, SceneData, SceneHeads,
-    evaluate, load_vision, pretrain_vision, save_vision, scene_targets,
+    BARS_AT, CELLS, CHARACTERS, CHARS_AT, COLOUR_CLASSES, HIGHEST_AT, NO_CHARACTER, SHAPE_CLASSES, TARGET_WIDTH, TEXT_AT,
+    TEXT_CLASSES, PretrainConfig, SceneData, SceneHeads, cell_positions, evaluate, load_vision, pretrain_vision, save_vision,
+    scene_targets,
 )
 from tests.conftest import smoke_run_folder
 
@@ -36,7 +37,8 @@ def test_scene_labels_put_each_object_in_the_cell_it_was_drawn_in():
             assert ex.skill in ("text", "choice") and scene["text"] in ex.messages[0]["content"] + ex.messages[1]["content"]
             assert "".join(ch for ch, _ in scene["chars"]) == scene["text"]
             cells = [cell for _, cell in scene["chars"]]
-            assert cells == sorted(cells) and len({c // synth.GRID for c in cells}) == 1  # one line, left to right
+            # one line, left to right, one glyph per cell, side by side
+            assert cells == list(range(cells[0], cells[0] + len(cells))) and len({c // synth.GRID for c in cells}) == 1
             for ch, cell in scene["chars"]:  # ink in the character's cell
                 row, col = divmod(cell, synth.GRID)
                 box = ex.image.crop((col * synth.CELL, row * synth.CELL, (col + 1) * synth.CELL, (row + 1) * synth.CELL))
@@ -77,26 +79,53 @@ def test_scene_targets_by_hand():
     assert len(t) == TARGET_WIDTH
     assert t[5] == COLOUR_CLASSES.index("blue") and t[CELLS + 5] == SHAPE_CLASSES.index("star")
     assert t[0] == COLOUR_CLASSES.index("empty") and t[CELLS] == SHAPE_CLASSES.index("empty")
-    assert t[2 * CELLS:] == [IGNORE] * (TARGET_WIDTH - 2 * CELLS)
-    t = scene_targets({"text": "42", "chars": [["4", 6], ["2", 6]]})
-    assert t[2 * CELLS] == TEXT_CLASSES.index("42") and t[:2 * CELLS] == [IGNORE] * (2 * CELLS)
-    masks = t[CHARS_AT:]
-    assert masks[6] == (1 << CHARACTERS.index("4")) | (1 << CHARACTERS.index("2")) and masks.count(0) == CELLS - 1
+    assert t[TEXT_AT:] == [IGNORE] * (TARGET_WIDTH - TEXT_AT)
+    t = scene_targets({"text": "42", "chars": [["4", 6], ["2", 7]]})
+    assert t[TEXT_AT] == TEXT_CLASSES.index("42") and t[:TEXT_AT] == [IGNORE] * TEXT_AT
+    chars = t[CHARS_AT:]
+    assert chars[6] == CHARACTERS.index("4") and chars[7] == CHARACTERS.index("2")
+    assert chars.count(NO_CHARACTER) == CELLS - 2
     t = scene_targets({"bars": [3, 8, 1]})
-    assert t[2 * CELLS + 1:CHARS_AT] == [3, 8, 1, 0, 0]  # absent bars are class 0
+    assert t[BARS_AT:HIGHEST_AT] == [3, 8, 1, 0, 0]  # absent bars are class 0
+    assert t[HIGHEST_AT] == 1  # bar B
     assert t[CHARS_AT:] == [IGNORE] * CELLS
+    with pytest.raises(InputError):  # one glyph per cell
+        scene_targets({"text": "42", "chars": [["4", 6], ["2", 6]]})
     with pytest.raises(InputError):
         scene_targets({"cells": [None] * 3})
+
+
+def test_cell_positions_are_row_major_rows_and_columns_in_minus_one_to_one():
+    positions = cell_positions()
+    assert positions.shape == (CELLS, 2)
+    assert positions[0].tolist() == [-1, -1] and positions[CELLS - 1].tolist() == [1, 1]
+    assert positions[1].tolist() == pytest.approx([-1, -1 + 2 / 3])  # same row, next column
+    assert positions[4].tolist() == pytest.approx([-1 + 2 / 3, -1])  # next row
+
+
+def test_a_perfect_position_read_out_scores_every_token():
+    heads = SceneHeads(2, CELLS)
+    with torch.no_grad():
+        heads.position.weight.copy_(torch.eye(2))
+        heads.position.bias.zero_()
+    tokens = cell_positions()[None].expand(3, CELLS, 2)
+    targets = torch.tensor([scene_targets({"bars": [1, 2]})] * 3)
+    _, stats = heads(tokens, targets)
+    assert stats["position"] == (3 * CELLS, 3 * CELLS)
+    _, stats = heads(tokens.flip(1), targets)  # tokens in the wrong cells
+    assert stats["position"][0] == 0
 
 
 def test_heads_loss_covers_only_what_the_picture_says():
     heads = SceneHeads(8, CELLS)
     tokens = torch.randn(2, CELLS, 8)
-    targets = torch.tensor([scene_targets({"text": "CAT", "chars": [["C", 1], ["A", 1], ["T", 2]]}),
+    targets = torch.tensor([scene_targets({"text": "CAT", "chars": [["C", 1], ["A", 2], ["T", 3]]}),
                             scene_targets({"bars": [1, 2, 3]})])
     loss, stats = heads(tokens, targets)
-    assert set(stats) == {"text", "bars", "chars"} and stats["text"][1] == 1 and stats["bars"][1] == 5
+    assert set(stats) == {"text", "bars", "highest", "chart", "chars", "position"} and stats["text"][1] == 1
+    assert stats["bars"][1] == 5 * CELLS and stats["highest"][1] == CELLS  # every token reads the whole chart
     assert stats["chars"][1] == CELLS  # every cell of the one text picture
+    assert stats["position"][1] == 2 * CELLS  # every token of both pictures
     assert torch.isfinite(loss)
     with pytest.raises(InputError):
         SceneHeads(8, 9)
@@ -118,7 +147,7 @@ def test_pretraining_learns_the_scenes_and_the_weights_round_trip(small, tmp_pat
     for name in ("transformer.encoder.layers.0.self_attention.query_key_value.weight", "transformer.vision.boi"):
         assert torch.equal(before[name], after[name])
     accuracy = evaluate(model, SceneHeads(model.config.hidden_size, CELLS), train)
-    assert set(accuracy) <= {"colour", "shape", "text", "bars", "chars"} and accuracy
+    assert set(accuracy) <= {"colour", "shape", "text", "bars", "highest", "chart", "chars", "position"} and accuracy
 
     save_vision(model, tmp_path / "vision.safetensors")
     other = new_model(small / "base", 1)

@@ -195,7 +195,7 @@ class Recipe:
     dims: ModelDims = field(default_factory=ModelDims)
     data_sizes: dict = field(default_factory=lambda: {"test": 1260, "val": 270, "train": 36000})
     data_seed: int = 1234
-    steps: int = 2200
+    steps: int = 2400
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3  # the vision side is frozen in stage 2, so the decoder can learn fast (it collapsed the adapter at >= 5e-4 when trained with it)
