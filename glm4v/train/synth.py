@@ -377,8 +377,16 @@ def make_counting(rng, lang):
     shape = rng.randrange(len(SHAPES))
     radii = [rng.uniform(14, 21) for _ in range(n)]
     objs = [Obj(rng.randrange(len(COLOURS)), shape, x, y, r) for (x, y), r in zip(place(rng, radii), radii)]
+    return render_objects(rng, objs), [ask_count(rng, shape, n, lang)], ("count", objs)
+
+
+def ask_count(rng, shape: int, n: int, lang: str) -> tuple[str, str]:
     s = plural(shape) if lang == "en" else SHAPES[shape][1]
-    return render_objects(rng, objs), [(_pick(rng, Q_COUNT, lang).format(s=s), str(n))], ("count", objs)
+    return _pick(rng, Q_COUNT, lang).format(s=s), str(n)
+
+
+def choose_count(rng, question: str, answer: str, lang: str) -> tuple[str, str]:
+    return choice_question(rng, question, answer, [str(i) for i in range(1, 7)], lang)
 
 
 def make_spatial(rng, lang):
@@ -437,7 +445,7 @@ def make_choice(rng, lang):
         return render_objects(rng, objs), [choose_about(rng, rng.choice(objs), kind, lang)], ("objects", objs)
     if kind == "count":
         image, [(q, n)], scene = make_counting(rng, lang)
-        return image, [choice_question(rng, q, n, [str(i) for i in range(1, 7)], lang)], scene
+        return image, [choose_count(rng, q, n, lang)], scene
     text = _text_content(rng)
     image, chars = draw_text(rng, text)
     return image, [choose_text(rng, text, lang)], ("text", text, chars)
@@ -525,9 +533,7 @@ def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
         pool += [choose_about(rng, o, rng.choice(["colour", "shape"]), lang) for o in objs]
         return pool
     if kind == "count":
-        n = str(len(scene[1]))
-        s = plural(scene[1][0].shape) if lang == "en" else SHAPES[scene[1][0].shape][1]
-        return [choice_question(rng, _pick(rng, Q_COUNT, lang).format(s=s), n, [str(i) for i in range(1, 7)], lang)]
+        return [choose_count(rng, *ask_count(rng, scene[1][0].shape, len(scene[1]), lang), lang)]
     if kind == "text":
         return [choose_text(rng, scene[1], lang)]
     if kind == "spatial":
