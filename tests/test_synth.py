@@ -80,9 +80,10 @@ def test_an_image_already_in_an_earlier_split_is_drawn_again():
     ("perception", "The circle is blue.", "The circle is red.", False),
     ("counting", "4", "4", True),
     ("counting", "14", "4", False),
-    ("choice", "b", "B", True),
-    ("yesno", "有。", "有。", True),
-    ("yesno", "没有。", "有。", False),
+    ("choice", "The circle is red, so the answer is b", "The circle is red, so the answer is B.", True),
+    ("choice", "The circle is blue, so the answer is B.", "The circle is red, so the answer is B.", False),
+    ("yesno", "圆形是红色的，所以有。", "圆形是红色的，所以有。", True),
+    ("yesno", "圆形是红色的，所以没有。", "圆形是红色的，所以有。", False),
     ("description", "The image shows a blue square and a red circle.",
      "The image shows a red circle and a blue square.", True),
     ("description", "The image shows a red circle.", "The image shows a red circle and a blue square.", False),
@@ -130,6 +131,11 @@ def test_example_pictures_in_the_repository_are_the_generators():
     assert synth.example_images()["shapes.png"][1] == "What colour is the circle?"
 
 
+def _letter(answer: str) -> str:
+    """'The circle is red, so the answer is B.' / '...，所以答案是B。' -> 'B'."""
+    return answer.rstrip(".。")[-1]
+
+
 def test_extra_questions_ask_for_comparisons_with_the_right_answers():
     import random
 
@@ -143,13 +149,41 @@ def test_extra_questions_ask_for_comparisons_with_the_right_answers():
     for q, a in choices:  # the option under the letter answers the question about a drawn object
         options = dict(line.split(". ", 1) for line in q.split("\n")[1:5])
         subject = q.split("\n")[0]
-        picked = options[a]
+        picked = options[_letter(a)]
+        assert a.endswith(f", so the answer is {_letter(a)}.") and picked in a  # the look-up, then the letter
         assert any(picked in name and (name.split()[0] in subject or name.split()[1] in subject) for name in present)
     for q, a in is_colour:
         shape, colour = q[len("Is the "):-1].split(" ")
-        assert a == ("Yes." if f"{colour} {shape}" in present else "No.")
+        actual = next(name.split()[0] for name in present if name.endswith(shape))
+        assert a == f"The {shape} is {actual}, so {'yes' if actual == colour else 'no'}."
     text_pool = synth.extra_questions(rng, ("text", "CAKE", []), "zh")
-    assert len(text_pool) == 1 and "CAKE" in text_pool[0][0] and text_pool[0][1] in "ABCD"
+    assert len(text_pool) == 1 and "CAKE" in text_pool[0][0] and text_pool[0][1].startswith("写的是CAKE，所以答案是")
     count_pool = synth.extra_questions(rng, ("count", objs[:2]), "en")
     q, a = count_pool[0]
-    assert dict(line.split(". ", 1) for line in q.split("\n")[1:5])[a] == "2"
+    assert a.startswith("I count 2, so") and dict(line.split(". ", 1) for line in q.split("\n")[1:5])[_letter(a)] == "2"
+
+
+def test_spatial_answers_name_both_cells_and_the_relation_the_picture_was_drawn_with():
+    words = {"left": "on the left", "right": "on the right", "above": "above", "below": "below"}
+    zh = {"left": "左边", "right": "右边", "above": "上面", "below": "下面"}
+    seen = set()
+    for index in range(2, 800, 9):  # skill index 2 = spatial
+        ex = synth.make_example(4, "train", index)
+        assert ex.skill == "spatial"
+        rng_scene = synth.make_spatial(__import__("random").Random(f"glm4v-synth/4/train/{index}/0"), ex.lang)[2]
+        (o1, o2), relation = rng_scene[1], rng_scene[2]
+        answer = ex.messages[1]["content"]
+        (r1, c1), (r2, c2) = synth.grid_cell(o1), synth.grid_cell(o2)
+        assert f"({r1}, {c1})" in answer and f"({r2}, {c2})" in answer
+        assert answer.endswith(f"so it is {words[relation]}." if ex.lang == "en" else f"所以它在{zh[relation]}。")
+        seen.add(relation)
+    assert seen == set(words)
+
+
+def test_existence_answers_find_the_shape_then_compare_the_colour():
+    objs = [synth.Obj(0, 0, 28, 28, 20), synth.Obj(2, 1, 140, 84, 20)]  # red circle, blue square
+    assert synth.answer_exists(synth.Obj(0, 0, 0, 0, 0), objs, "en") == "The circle is red, so yes."
+    assert synth.answer_exists(synth.Obj(2, 0, 0, 0, 0), objs, "en") == "The circle is red, so no."
+    assert synth.answer_exists(synth.Obj(2, 3, 0, 0, 0), objs, "en") == "There is no star, so no."
+    assert synth.answer_exists(synth.Obj(2, 1, 0, 0, 0), objs, "zh") == "正方形是蓝色的，所以有。"
+    assert synth.answer_exists(synth.Obj(2, 2, 0, 0, 0), objs, "zh") == "图中没有三角形，所以没有。"

@@ -57,18 +57,18 @@ WORDS = (
 )
 BAR_LETTERS = "ABCDE"
 RELATIONS = {  # relation of object 1 to object 2
-    "left": ("On the left.", "左边。"),
-    "right": ("On the right.", "右边。"),
-    "above": ("Above.", "上面。"),
-    "below": ("Below.", "下面。"),
+    "left": ("on the left", "左边"),
+    "right": ("on the right", "右边"),
+    "above": ("above", "上面"),
+    "below": ("below", "下面"),
 }
-YES = {"en": "Yes.", "zh": "是。"}
-NO = {"en": "No.", "zh": "不是。"}
-HAS = {"en": "Yes.", "zh": "有。"}
-HAS_NOT = {"en": "No.", "zh": "没有。"}
+YES = {"en": "yes", "zh": "是"}
+NO = {"en": "no", "zh": "不是"}
+HAS = {"en": "yes", "zh": "有"}
+HAS_NOT = {"en": "no", "zh": "没有"}
 CHOICE_SUFFIX = {
-    "en": "Answer with the option's letter from the given choices directly.",
-    "zh": "请直接回答选项的字母。",
+    "en": "Answer with the option's letter from the given choices.",
+    "zh": "请回答选项的字母。",
 }
 
 
@@ -133,6 +133,48 @@ def plural(shape: int) -> str:
 
 def capitalise(s: str) -> str:
     return s[:1].upper() + s[1:]
+
+
+def so(statement: str, verdict: str, lang: str) -> str:
+    """'The square is blue.' + 'no' -> 'The square is blue, so no.'
+
+    Answers that compare (yes/no, multiple choice, spatial relations) first say what they looked up,
+    then conclude. Answered in one token, each needed two look-ups and a comparison at once, and
+    the 4-layer decoder stayed at chance on them (docs/TRAINING.md, round 3); written out, every
+    step is one look-up the model already makes, and the conclusion compares words in the text.
+    Exact match still scores the whole answer, so the look-up must be right too.
+    """
+    if lang == "en":
+        return f"{statement.rstrip('.')}, so {verdict}."
+    return f"{statement.rstrip('。')}，所以{verdict}。"
+
+
+def grid_cell(o: Obj) -> tuple[int, int]:
+    """(row, column) of the grid cell holding the object's centre, counted from 1."""
+    return min(GRID - 1, int(o.y // CELL)) + 1, min(GRID - 1, int(o.x // CELL)) + 1
+
+
+def where(o: Obj, lang: str) -> str:
+    """'the red circle is at (2, 1)' / '红色的圆形在(2, 1)': its grid cell as (row, column).
+    Digits rather than '第2行第1列': Chinese characters take three tokens each in the small vocabulary."""
+    row, col = grid_cell(o)
+    if lang == "en":
+        return f"the {thing(o, lang)} is at ({row}, {col})"
+    return f"{thing(o, lang)}在({row}, {col})"
+
+
+def answer_where(o1: Obj, o2: Obj, lang: str) -> str:
+    """Where ``o1`` is relative to ``o2`` (same row or same column), via the grid cells of both."""
+    (r1, c1), (r2, c2) = grid_cell(o1), grid_cell(o2)
+    if r1 == r2 and c1 != c2:
+        relation = "left" if c1 < c2 else "right"
+    elif c1 == c2 and r1 != r2:
+        relation = "above" if r1 < r2 else "below"
+    else:
+        raise ValueError("spatial questions need two objects in one row or one column")
+    if lang == "en":
+        return f"{capitalise(where(o1, lang))} and {where(o2, lang)}, so it is {RELATIONS[relation][0]}."
+    return f"{where(o1, lang)}，{where(o2, lang)}，所以它在{RELATIONS[relation][1]}。"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,12 +395,22 @@ def describe(objs: list[Obj], lang: str) -> str:
     return f"图中有{listed}。"
 
 
-def choice_question(rng, question: str, correct: str, pool: list[str], lang: str) -> tuple[str, str]:
-    """MMBench-style: the question, options A-D (one correct), the letter as the answer."""
+def choice_question(rng, question: str, correct: str, pool: list[str], lang: str, statement: str) -> tuple[str, str]:
+    """MMBench-style: the question, options A-D (one correct); the answer says what it saw
+    (``statement``) and then the letter: 'The circle is red, so the answer is B.'."""
     options = rng.sample([p for p in pool if p != correct], 3) + [correct]
     rng.shuffle(options)
     lines = [question] + [f"{'ABCD'[k]}. {opt}" for k, opt in enumerate(options)] + [CHOICE_SUFFIX[lang]]
-    return "\n".join(lines), "ABCD"[options.index(correct)]
+    letter = "ABCD"[options.index(correct)]
+    return "\n".join(lines), so(statement, f"the answer is {letter}" if lang == "en" else f"答案是{letter}", lang)
+
+
+def answer_count(n: int, lang: str) -> str:
+    return f"I count {n}." if lang == "en" else f"一共有{n}个。"
+
+
+def answer_text(text: str, lang: str) -> str:
+    return f"It says {text}." if lang == "en" else f"写的是{text}。"
 
 
 def _text_content(rng) -> str:
@@ -386,7 +438,7 @@ def ask_count(rng, shape: int, n: int, lang: str) -> tuple[str, str]:
 
 
 def choose_count(rng, question: str, answer: str, lang: str) -> tuple[str, str]:
-    return choice_question(rng, question, answer, [str(i) for i in range(1, 7)], lang)
+    return choice_question(rng, question, answer, [str(i) for i in range(1, 7)], lang, answer_count(int(answer), lang))
 
 
 def make_spatial(rng, lang):
@@ -405,8 +457,7 @@ def make_spatial(rng, lang):
         (x1, y1), (x2, y2) = cell_centre(rng, along[0], across, r1), cell_centre(rng, along[1], across, r2)
     o1, o2 = Obj(colours[0], shapes[0], x1, y1, r1), Obj(colours[1], shapes[1], x2, y2, r2)
     question = _pick(rng, Q_WHERE, lang).format(a=thing(o1, lang), b=thing(o2, lang))
-    answer = RELATIONS[relation][0 if lang == "en" else 1]
-    return render_objects(rng, [o1, o2]), [(question, answer)], ("spatial", [o1, o2], relation)
+    return render_objects(rng, [o1, o2]), [(question, answer_where(o1, o2, lang))], ("spatial", [o1, o2], relation)
 
 
 def make_text(rng, lang):
@@ -455,14 +506,16 @@ def choose_about(rng, o: Obj, kind: str, lang: str) -> tuple[str, str]:
     """The colour (or shape) question about ``o`` as a multiple choice."""
     if kind == "colour":
         q = _pick(rng, Q_COLOUR, lang).format(s=shape_name(o.shape, lang))
-        return choice_question(rng, q, colour_name(o.colour, lang), [colour_name(i, lang) for i in range(len(COLOURS))], lang)
+        return choice_question(rng, q, colour_name(o.colour, lang), [colour_name(i, lang) for i in range(len(COLOURS))],
+                               lang, answer_colour(o, lang))
     q = _pick(rng, Q_SHAPE, lang).format(c=colour_name(o.colour, lang))
-    return choice_question(rng, q, shape_name(o.shape, lang), [shape_name(i, lang) for i in range(len(SHAPES))], lang)
+    return choice_question(rng, q, shape_name(o.shape, lang), [shape_name(i, lang) for i in range(len(SHAPES))],
+                           lang, answer_shape(o, lang))
 
 
 def choose_text(rng, text: str, lang: str) -> tuple[str, str]:
     pool = list(WORDS) if not text.isdigit() else [str(i) for i in range(10, 100)]
-    return choice_question(rng, _pick(rng, Q_TEXT, lang), text, pool, lang)
+    return choice_question(rng, _pick(rng, Q_TEXT, lang), text, pool, lang, answer_text(text, lang))
 
 
 def _absent_pair(rng, objs: list[Obj]) -> Obj:
@@ -475,9 +528,18 @@ def _absent_pair(rng, objs: list[Obj]) -> Obj:
 
 
 def ask_exists(rng, objs: list[Obj], lang: str) -> tuple[str, str]:
-    if rng.random() < 0.5:
-        return _exists_question(rng, rng.choice(objs), lang), HAS[lang]
-    return _exists_question(rng, _absent_pair(rng, objs), lang), HAS_NOT[lang]
+    asked = rng.choice(objs) if rng.random() < 0.5 else _absent_pair(rng, objs)
+    return _exists_question(rng, asked, lang), answer_exists(asked, objs, lang)
+
+
+def answer_exists(asked: Obj, objs: list[Obj], lang: str) -> str:
+    """Is there a red circle? Shapes are distinct in a scene, so: find the circle, then its colour."""
+    same_shape = [o for o in objs if o.shape == asked.shape]
+    if not same_shape:
+        absent = f"There is no {shape_name(asked.shape, lang)}." if lang == "en" else f"图中没有{shape_name(asked.shape, lang)}。"
+        return so(absent, HAS_NOT[lang], lang)
+    found = same_shape[0]
+    return so(answer_colour(found, lang), HAS[lang] if found.colour == asked.colour else HAS_NOT[lang], lang)
 
 
 def _exists_question(rng, o: Obj, lang: str) -> str:
@@ -498,7 +560,7 @@ def ask_is_colour(rng, o: Obj, lang: str) -> tuple[str, str]:
     yes = rng.random() < 0.5
     colour = o.colour if yes else rng.choice([c for c in range(len(COLOURS)) if c != o.colour])
     q = _pick(rng, Q_IS_COLOUR, lang).format(s=shape_name(o.shape, lang), c=colour_name(colour, lang))
-    return q, YES[lang] if yes else NO[lang]
+    return q, so(answer_colour(o, lang), YES[lang] if yes else NO[lang], lang)
 
 
 def make_multiturn(rng, lang):
@@ -515,7 +577,6 @@ def make_multiturn(rng, lang):
     return render_objects(rng, objs), turns, ("objects", objs)
 
 
-OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
 def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
@@ -538,8 +599,7 @@ def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
         return [choose_text(rng, scene[1], lang)]
     if kind == "spatial":
         (o1, o2), relation = scene[1], scene[2]
-        back = (_pick(rng, Q_WHERE, lang).format(a=thing(o2, lang), b=thing(o1, lang)),
-                RELATIONS[OPPOSITE[relation]][0 if lang == "en" else 1])
+        back = (_pick(rng, Q_WHERE, lang).format(a=thing(o2, lang), b=thing(o1, lang)), answer_where(o2, o1, lang))
         return [back] + [ask_colour(rng, o, lang) for o in (o1, o2)] + [ask_shape(rng, o, lang) for o in (o1, o2)]
     values = scene[1]  # chart
     pool = [(_pick(rng, Q_VALUE, lang).format(L=BAR_LETTERS[k]), str(v)) for k, v in enumerate(values)]
