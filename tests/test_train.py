@@ -352,3 +352,17 @@ def test_length_pieces_give_the_whole_batch_gradient_with_less_padding(small, tm
     assert sorted(map(id, sum(pieces, []))) == sorted(map(id, samples))
     lengths = [len(s.input_ids) for p in pieces for s in p]
     assert lengths == sorted(lengths)
+
+
+def test_cli_flags_reach_the_train_config_and_freeze_the_adapter_too():
+    import argparse
+
+    from glm4v.train.cli import _train_config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--freeze-vision", "--freeze-vision-adapter", "--seed", "1", "--length-pieces", "4"])
+    cfg = _train_config(args, out_dir="o", train_data="t.jsonl", val_generate=0)
+    assert cfg.freeze_vision and cfg.freeze_vision_adapter and cfg.seed == 1 and cfg.length_pieces == 4
+    plain = _train_config(parser.parse_args([]), out_dir="o", train_data="t.jsonl")
+    assert not plain.freeze_vision and not plain.freeze_vision_adapter

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (where the model trains)")
     src.add_argument("--freeze-vision", action="store_true", default=None,
                      help="freeze the ViT (the conv + GLU adapter still train); with --lora: no adapters in the vision tower")
+    src.add_argument("--freeze-vision-adapter", action="store_true", default=None,
+                     help="with --freeze-vision: freeze the conv + GLU adapter too (all of the vision side)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=None, help="training JSONL (official format: {\"messages\": [...]})")
