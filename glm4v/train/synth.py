@@ -577,8 +577,6 @@ def make_multiturn(rng, lang):
     return render_objects(rng, objs), turns, ("objects", objs)
 
 
-
-
 def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
     """More questions about a training image's scene: several answers per image forward pass
     give the vision tower more to learn from at little extra cost."""
@@ -598,7 +596,7 @@ def extra_questions(rng, scene: tuple, lang: str) -> list[tuple[str, str]]:
     if kind == "text":
         return [choose_text(rng, scene[1], lang)]
     if kind == "spatial":
-        (o1, o2), relation = scene[1], scene[2]
+        o1, o2 = scene[1]
         back = (_pick(rng, Q_WHERE, lang).format(a=thing(o2, lang), b=thing(o1, lang)), answer_where(o2, o1, lang))
         return [back] + [ask_colour(rng, o, lang) for o in (o1, o2)] + [ask_shape(rng, o, lang) for o in (o1, o2)]
     values = scene[1]  # chart
@@ -615,8 +613,8 @@ def scene_labels(scene: tuple) -> dict:
     if kind in ("objects", "count", "spatial"):
         cells: list = [None] * (GRID * GRID)
         for o in scene[1]:
-            row, col = min(GRID - 1, int(o.y // CELL)), min(GRID - 1, int(o.x // CELL))
-            cells[row * GRID + col] = [COLOURS[o.colour][0], SHAPES[o.shape][0]]
+            row, col = grid_cell(o)
+            cells[(row - 1) * GRID + col - 1] = [COLOURS[o.colour][0], SHAPES[o.shape][0]]
         return {"cells": cells}
     if kind == "text":
         return {"text": scene[1], "chars": scene[2]}
