@@ -229,8 +229,9 @@ class Recipe:
 
 
 RECIPES = {
-    # stages 1 and 2 of the shipped model; scripts/train_embedded.sh then runs stage 2b (a warm
-    # restart: 800 steps at peak lr 3e-4 with `glm4v train --init`), worth +6 points (docs/TRAINING.md)
+    # stages 1 and 2 of the shipped model; scripts/train_embedded.sh then runs stages 2b and 2c (warm
+    # restarts: 800 steps each at peak lr 3e-4, then 2e-4, with `glm4v train --init`), worth +6 and
+    # +2.7 points (docs/TRAINING.md)
     "embedded": Recipe(name="embedded"),
     # a minute-long smoke run of the same pipeline (tests and trying things out)
     "smoke": Recipe(
