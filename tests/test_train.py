@@ -325,8 +325,41 @@ def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emu
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["n"] == RECIPES["smoke"].data_sizes["test"]
     assert set(summary["eval"]["languages"]) == {"en", "zh"}
+    # stage 2's model, then the recipe's warm restart trained from it, which is the final model
+    (restart,) = RECIPES["smoke"].restarts
+    assert summary["final"] == str(out / "restart" / "model") and len(summary["restarts"]) == 1
+    restarted = json.loads((latest_checkpoint(out / "restart") / "trainer_state.json").read_text())
+    assert restarted["step"] == restart.steps
+    assert (restarted["config"]["lr"], restarted["config"]["seed"]) == (restart.lr, restart.seed)
+    assert restarted["config"]["freeze_vision_adapter"] is True and restarted["config"]["eval_every"] == 0
+    stage2, final = glm4v.load(out / "model"), glm4v.load(out / "restart" / "model")
+    assert not torch.equal(stage2.model.transformer.output_layer.weight, final.model.transformer.output_layer.weight)
+    assert torch.equal(stage2.model.transformer.vision.linear_proj.dense_h_to_4h.weight,
+                       final.model.transformer.vision.linear_proj.dense_h_to_4h.weight)  # the vision side stays frozen
     pipe = glm4v.load(tmp_path / "exported")
     assert pipe.config.hidden_size == RECIPES["smoke"].dims.hidden_size
+    assert torch.equal(pipe.model.transformer.output_layer.weight, final.model.transformer.output_layer.weight)
+
+
+def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path, capsys):
+    from glm4v.cli import main
+    from glm4v.train.cli import restart_config, restart_folder
+    from glm4v.train.recipes import Restart
+
+    stage2 = TrainConfig(out_dir="runs/x", train_data="d/train.jsonl", steps=2400, lr=1e-3, seed=0, batch_size=32,
+                         length_pieces=4, freeze_vision=True, freeze_vision_adapter=True, warmup_data="easy.jsonl",
+                         warmup_data_steps=100, warmup_data_mix=0.3, text_steps=50, vision_freeze_steps=20)
+    cfg = restart_config(stage2, Restart(steps=800, lr=2e-4, seed=2), Path("runs/x") / restart_folder(1))
+    assert (cfg.out_dir, cfg.steps, cfg.lr, cfg.seed, cfg.warmup_steps) == ("runs/x/restart2", 800, 2e-4, 2, 50)
+    assert (cfg.batch_size, cfg.length_pieces, cfg.train_data, cfg.freeze_vision_adapter) == (32, 4, "d/train.jsonl", True)
+    assert (cfg.warmup_data, cfg.warmup_data_steps, cfg.warmup_data_mix, cfg.text_steps, cfg.vision_freeze_steps) \
+        == (None, 0, 0.0, 0, 0)
+    assert stage2.steps == 2400 and stage2.out_dir == "runs/x"  # stage 2's own config is left alone
+    assert RECIPES["embedded"].restarts == [Restart(800, 3e-4, 1), Restart(800, 2e-4, 2)]
+
+    assert main(["train", "--recipe", "smoke", "--out", str(tmp_path / "bad"), "--restarts", "2"]) == 1
+    assert "--restarts must be 0..1 for recipe 'smoke', got 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_length_pieces_give_the_whole_batch_gradient_with_less_padding(small, tmp_path):

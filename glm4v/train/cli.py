@@ -1,6 +1,6 @@
 """``glm4v train``: from scratch (a recipe or a config), or fine-tune a checkpoint, fully or with LoRA.
 
-    glm4v train --recipe embedded                       # the shipped model, data and all
+    glm4v train --recipe embedded                       # the shipped model, data and all (stages 1, 2, 2b, 2c)
     glm4v train --config cfg.json --tokenizer DIR --data train.jsonl --val-data val.jsonl --out runs/x
     glm4v train --init /models/glm-4v-9b --lora --data mine.jsonl --out runs/lora --dtype bfloat16 --autocast
     glm4v train ... --resume                            # continue after a crash or a kill
@@ -12,7 +12,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="keep the vision tower and adapter at their initial weights for this many steps")
     hp.add_argument("--vision-pretrain-steps", type=int, default=None,
                     help="(--recipe) steps of vision pre-training on the pictures' scene labels before the conversations")
+    hp.add_argument("--restarts", type=int, default=None, metavar="K",
+                    help="(--recipe) run only the first K of the recipe's warm restarts (0: stop after stage 2)")
     hp.add_argument("--save-dtype", default=None, help="dtype of the exported model (bfloat16, float32)")
     hp.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     hp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -140,6 +142,9 @@ def run_recipe(args) -> int:
     from glm4v.train.trainer import Trainer, check_resume_config, new_model
 
     recipe = get_recipe(args.recipe)
+    n_restarts = len(recipe.restarts) if args.restarts is None else args.restarts
+    if not 0 <= n_restarts <= len(recipe.restarts):
+        raise InputError(f"--restarts must be 0..{len(recipe.restarts)} for recipe {recipe.name!r}, got {n_restarts}")
     torch.set_num_threads(args.threads or recipe.threads)
     out = Path(args.out or f"runs/{recipe.name}")
     data_dir = out / "data"
@@ -177,8 +182,46 @@ def run_recipe(args) -> int:
     if stage1 is not None:
         result["vision_pretrain"] = stage1
     final = trainer.export(out / "model", _dtype(cfg.save_dtype))
+    del trainer, model
+    done = []
+    for k, restart in enumerate(recipe.restarts[:n_restarts]):
+        stage_out = out / restart_folder(k)
+        print(f"warm restart {k + 1}/{n_restarts} from {final}: {restart.steps} steps, peak lr {restart.lr:g}, "
+              f"seed {restart.seed} -> {stage_out}", flush=True)
+        final, stage_result = _warm_restart(args, final, restart_config(cfg, restart, stage_out))
+        done.append(stage_result)
+    if done:
+        result["restarts"] = done
     _finish(args, final, out, result, started, evaluate=(recipe.data_seed, recipe.data_sizes["test"]))
     return 0
+
+
+def restart_folder(k: int) -> str:
+    """OUT/restart, OUT/restart2, ...: where the k-th warm restart of a recipe trains."""
+    return "restart" if k == 0 else f"restart{k + 1}"
+
+
+def restart_config(stage2: TrainConfig, restart, out: Path) -> TrainConfig:
+    """Stage 2's settings with the restart's steps, peak learning rate, warm-up and data order; no curriculum."""
+    return replace(stage2, out_dir=str(out), steps=restart.steps, lr=restart.lr, seed=restart.seed,
+                   warmup_steps=restart.warmup_steps, text_steps=0, warmup_data=None, warmup_data_steps=0,
+                   warmup_data_mix=0.0, vision_freeze_steps=0)
+
+
+def _warm_restart(args, init: Path, cfg: TrainConfig) -> tuple[Path, dict]:
+    """Train from the exported model ``init`` (loaded as float32, as `glm4v train --init` does)."""
+    import glm4v
+    from glm4v.train.trainer import Trainer, check_resume_config
+
+    pipe = glm4v.load(init, dtype="float32", device=args.device)
+    pipe.model.requires_grad_(True)
+    if args.resume:
+        check_resume_config(cfg.out_dir, cfg)
+    trainer = Trainer(pipe.model, pipe.tokenizer, init, cfg)
+    if args.resume:
+        trainer.resume()
+    result = trainer.train()
+    return trainer.export(Path(cfg.out_dir) / "model", _dtype(cfg.save_dtype)), result
 
 
 def _vision_stage(model, out: Path, data_dir: Path, recipe, steps: int, resume: bool) -> dict:
