@@ -399,3 +399,23 @@ def test_cli_flags_reach_the_train_config_and_freeze_the_adapter_too():
     assert cfg.freeze_vision and cfg.freeze_vision_adapter and cfg.seed == 1 and cfg.length_pieces == 4
     plain = _train_config(parser.parse_args([]), out_dir="o", train_data="t.jsonl")
     assert not plain.freeze_vision and not plain.freeze_vision_adapter
+
+
+def test_resume_refuses_another_data_order_but_not_another_name_for_the_same_file(tmp_path, monkeypatch):
+    from glm4v.train.trainer import POINTER, check_resume_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt.parent / POINTER).write_text(ckpt.name)
+    saved = TrainConfig(out_dir="run", train_data=str(tmp_path / "data" / "train.jsonl"), seed=1, batch_size=4)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "config": saved.__dict__}))
+
+    check_resume_config("run", TrainConfig(out_dir="run", train_data="data/train.jsonl", seed=1, batch_size=4))
+    with pytest.raises(InputError, match="train_data"):
+        check_resume_config("run", TrainConfig(out_dir="run", train_data="data/other.jsonl", seed=1, batch_size=4))
+    with pytest.raises(InputError, match="seed=1"):
+        check_resume_config("run", TrainConfig(out_dir="run", train_data="data/train.jsonl", seed=2, batch_size=4))
+    with pytest.raises(InputError, match="batch_size=4"):
+        check_resume_config("run", TrainConfig(out_dir="run", train_data="data/train.jsonl", seed=1, batch_size=8))

@@ -608,5 +608,11 @@ def check_resume_config(out_dir, cfg: TrainConfig) -> None:
         return
     saved = json.loads((path / "trainer_state.json").read_text())["config"]
     for key in ("batch_size", "grad_accum", "seed", "train_data"):
+        if key == "train_data" and same_file(saved.get(key), cfg.train_data):
+            continue  # the same file, once named relative to the working folder and once absolute
         if saved.get(key) != getattr(cfg, key):
             raise InputError(f"cannot resume {path}: it was trained with {key}={saved.get(key)!r}, now {getattr(cfg, key)!r}")
+
+
+def same_file(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
