@@ -340,6 +340,15 @@ def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emu
     assert pipe.config.hidden_size == RECIPES["smoke"].dims.hidden_size
     assert torch.equal(pipe.model.transformer.output_layer.weight, final.model.transformer.output_layer.weight)
 
+    # run again with --resume: every stage is complete, so nothing trains and the models stay as they were
+    before = (out / "restart" / "model" / "model-00001-of-00001.safetensors").read_bytes()
+    assert main(["train", "--recipe", "smoke", "--out", str(out), "--steps", "4", "--eval-every", "0",
+                 "--save-every", "2", "--resume"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert (out / "restart" / "model" / "model-00001-of-00001.safetensors").read_bytes() == before
+    assert again["eval"] == summary["eval"] and again["restarts"][0]["step"] == restart.steps
+    assert again["wall_s"] > 0  # the command's own time, not the (empty) resumed stage's
+
 
 def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path, capsys):
     from glm4v.cli import main
@@ -355,7 +364,7 @@ def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path
     assert (cfg.warmup_data, cfg.warmup_data_steps, cfg.warmup_data_mix, cfg.text_steps, cfg.vision_freeze_steps) \
         == (None, 0, 0.0, 0, 0)
     assert stage2.steps == 2400 and stage2.out_dir == "runs/x"  # stage 2's own config is left alone
-    assert RECIPES["embedded"].restarts == [Restart(800, 3e-4, 1), Restart(800, 2e-4, 2)]
+    assert RECIPES["embedded"].restarts == [Restart(800, 3e-4, 1), Restart(800, 2e-4, 2), Restart(1200, 2e-4, 3)]
 
     assert main(["train", "--recipe", "smoke", "--out", str(tmp_path / "bad"), "--restarts", "2"]) == 1
     assert "--restarts must be 0..1 for recipe 'smoke', got 2" in capsys.readouterr().err

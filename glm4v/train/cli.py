@@ -1,6 +1,6 @@
 """``glm4v train``: from scratch (a recipe or a config), or fine-tune a checkpoint, fully or with LoRA.
 
-    glm4v train --recipe embedded                       # the shipped model, data and all (stages 1, 2, 2b, 2c)
+    glm4v train --recipe embedded                       # the shipped model, data and all (stages 1, 2, 2b, 2c, 2d)
     glm4v train --config cfg.json --tokenizer DIR --data train.jsonl --val-data val.jsonl --out runs/x
     glm4v train --init /models/glm-4v-9b --lora --data mine.jsonl --out runs/lora --dtype bfloat16 --autocast
     glm4v train ... --resume                            # continue after a crash or a kill
@@ -306,7 +306,8 @@ def run_custom(args) -> int:
 
 def _finish(args, final: Path, out: Path, result: dict, started: float, evaluate: tuple | None) -> None:
     """Summary file, final evaluation on the synthetic test split (``evaluate`` = (seed, n)), export."""
-    summary = {"final": str(final), "wall_s": round(time.perf_counter() - started, 1), **result}
+    # the whole command's time; stage 2's own "wall_s" (from Trainer.train) must not replace it
+    summary = {"final": str(final), **result, "wall_s": round(time.perf_counter() - started, 1)}
     if evaluate is not None:
         from glm4v.eval.synth import format_table
 
