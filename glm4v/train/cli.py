@@ -211,17 +211,10 @@ def restart_config(stage2: TrainConfig, restart, out: Path) -> TrainConfig:
 def _warm_restart(args, init: Path, cfg: TrainConfig) -> tuple[Path, dict]:
     """Train from the exported model ``init`` (loaded as float32, as `glm4v train --init` does)."""
     import glm4v
-    from glm4v.train.trainer import Trainer, check_resume_config
 
     pipe = glm4v.load(init, dtype="float32", device=args.device)
     pipe.model.requires_grad_(True)
-    if args.resume:
-        check_resume_config(cfg.out_dir, cfg)
-    trainer = Trainer(pipe.model, pipe.tokenizer, init, cfg)
-    if args.resume:
-        trainer.resume()
-    result = trainer.train()
-    return trainer.export(Path(cfg.out_dir) / "model", _dtype(cfg.save_dtype)), result
+    return _train_and_export(pipe.model, pipe.tokenizer, init, cfg, args.resume, Path(cfg.out_dir) / "model")
 
 
 def _vision_stage(model, out: Path, data_dir: Path, recipe, steps: int, resume: bool) -> dict:
@@ -247,7 +240,7 @@ def _vision_stage(model, out: Path, data_dir: Path, recipe, steps: int, resume: 
 
 def run_custom(args) -> int:
     from glm4v.tokenizer import load_tokenizer
-    from glm4v.train.trainer import Trainer, check_resume_config, new_model
+    from glm4v.train.trainer import new_model
 
     out = Path(args.out)
     started = time.perf_counter()
@@ -292,16 +285,25 @@ def run_custom(args) -> int:
                           if args.freeze_vision else [])
         wrapped = apply_lora(model, lcfg)
         print(f"LoRA r={lcfg.r} alpha={lcfg.alpha} on {len(wrapped)} layers", flush=True)
-    if args.resume:
-        check_resume_config(out, cfg)
-    trainer = Trainer(model, tokenizer, base, cfg, lora=lora)
-    if args.resume:
-        trainer.resume()
-    result = trainer.train()
-    final = trainer.export(out / ("model" if not lora or args.merge else "adapter"),
-                           _dtype(cfg.save_dtype), merge=args.merge)
+    final, result = _train_and_export(model, tokenizer, base, cfg, args.resume,
+                                      out / ("model" if not lora or args.merge else "adapter"),
+                                      lora=lora, merge=args.merge)
     _finish(args, final, out, result, started, evaluate=None)
     return 0
+
+
+def _train_and_export(model, tokenizer, source: Path, cfg: TrainConfig, resume: bool, folder: Path,
+                      lora: bool = False, merge: bool = False) -> tuple[Path, dict]:
+    """Train ``model`` (continuing cfg.out_dir's latest checkpoint if ``resume``) and export it to ``folder``."""
+    from glm4v.train.trainer import Trainer, check_resume_config
+
+    if resume:
+        check_resume_config(cfg.out_dir, cfg)
+    trainer = Trainer(model, tokenizer, source, cfg, lora=lora)
+    if resume:
+        trainer.resume()
+    result = trainer.train()
+    return trainer.export(folder, _dtype(cfg.save_dtype), merge=merge), result
 
 
 def _finish(args, final: Path, out: Path, result: dict, started: float, evaluate: tuple | None) -> None:
