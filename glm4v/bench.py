@@ -247,6 +247,11 @@ def machine_info(options: dict) -> dict:
     }
     if options["device"].startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(options["device"]))
+    else:
+        from glm4v.kernels import cpu_kernels
+
+        module = cpu_kernels()  # built here, not inside a timed worker
+        info["decode_kernels"] = getattr(module, "kernel_set", None) or "torch"
     return info
 
 
@@ -726,6 +731,7 @@ def format_table(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"glm4v bench -- {m['cpu']}, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}), "
+        f"decode kernels: {m.get('decode_kernels', 'torch')}, "
         f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}" if m.get("loadavg_start") else "glm4v bench",
         f"built {report['depth']['lm_layers']} decoder + {report['depth']['vision_layers']} vision layers at official "
         f"widths; per-layer costs EXTRAPOLATED to {OFFICIAL_LM_LAYERS} + {OFFICIAL_VISION_LAYERS} layers",

@@ -6,8 +6,10 @@ hundreds or thousands of tokens by each weight; there the time goes into arithme
 arithmetic on these CPUs is a bf16 matmul (AVX512-BF16 / AMX). So each ``QuantizedLinear`` picks
 its kernel by the number of tokens in the step:
 
-* few tokens -> torch's weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``:
-  bf16 activations times int8 / int4 weights, weights read once, never expanded in memory);
+* few tokens -> a weight-only kernel (weights read once, never expanded in memory): torch's
+  ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` where they are fast (AVX-512), glm4v's
+  own AVX2 GEMVs (``glm4v/kernels/cpu_gemv_avx2.cpp``) on AVX2 CPUs, where torch's are slow or,
+  for int4, missing;
 * many tokens -> the weight is expanded to bf16 a slice of output rows at a time, into a reused
   scratch buffer, and multiplied with a plain bf16 matmul (the expansion costs O(N*K) against the
   matmul's O(M*N*K)). Nothing is cached: the model stays at its quantised size.
@@ -47,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.errors import CheckpointError, InputError
-from glm4v.kernels import upcast_helps
+from glm4v.kernels import MAX_ROWS as KERNEL_ROWS_PER_CALL
+from glm4v.kernels import cpu_kernels, upcast_helps
 
 FORMATS = ("bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -285,10 +288,32 @@ class QuantizedLinear(nn.Module):
             return False
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return False
+        if self._own_kernel(x) is not None:
+            return True
         return cpu_int8_kernel_ok() if self.bits == 8 else cpu_int4_kernel_ok()
+
+    def _own_kernel(self, x: torch.Tensor):
+        """glm4v's AVX2 GEMV for this layer (kernels/cpu_gemv_avx2.cpp), or None.
+
+        On AVX2 CPUs torch's int8 kernel streams weights at ~40 % of the memory bandwidth and its
+        int4 kernel does not read our layout; the AVX2 build has both (docs/PERFORMANCE.md).
+        """
+        scales = self.weight_scale if self.bits == 8 else self.weight_scales_zeros
+        if (x.dtype not in (torch.bfloat16, torch.float32) or scales.dtype not in (torch.bfloat16, torch.float32)
+                or not (self.weight.is_contiguous() and scales.is_contiguous())):
+            return None
+        module = cpu_kernels()
+        return getattr(module, "int8_gemv" if self.bits == 8 else "int4_gemv", None)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        own = self._own_kernel(x)
+        if own is not None:
+            extra = () if self.bits == 8 else (self.group_size,)
+            scales = self.weight_scale if self.bits == 8 else self.weight_scales_zeros
+            pieces = [own(x[i : i + KERNEL_ROWS_PER_CALL], self.weight, scales, *extra)
+                      for i in range(0, x.shape[0], KERNEL_ROWS_PER_CALL)]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.weight_scale.to(x.dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 import glm4v
 from glm4v.kernels import bf16_linear, cpu_kernels
+from glm4v.quant import QuantizedLinear, dequantize
 from tests.conftest import TINY_DIR
 
-needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX512-BF16 CPU or no compiler here")
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX512-BF16 or AVX2 CPU, or no compiler here")
+needs_avx2_kernels = pytest.mark.skipif(not hasattr(cpu_kernels(), "int8_gemv"),
+                                        reason="the int8/int4 GEMVs are built for AVX2 CPUs without bf16 units")
 
 
 @needs_kernels
@@ -33,6 +36,73 @@ def test_matches_torch_linear(rows, n, k):
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+def _quantised(fmt: str, n: int, k: int, group: int, seed: int, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)  # rows of different scales
+    return QuantizedLinear.from_weight(w.to(dtype), None, fmt, group, dtype), gen
+
+
+@needs_avx2_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n,k", [(64, 4096), (67, 200), (5, 29), (300, 13696)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_gemv_matches_the_dequantised_product(rows, n, k, dtype):
+    layer, gen = _quantised("int8", n, k, 128, rows * 100 + n, dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    got = cpu_kernels().int8_gemv(x, layer.weight, layer.weight_scale)
+    want = x.float() @ dequantize(layer).float().t()
+    assert got.shape == (rows, n) and got.dtype == dtype
+    # activations rounded to 16-bit integers per row (<= 1/65534 of the row's largest value) and,
+    # for bf16, one rounding of the result
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@needs_avx2_kernels
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("n,k,group", [(64, 4096, 128), (192, 256, 32), (128, 13696 - 13696 % 64, 64), (64, 512, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_gemv_matches_the_dequantised_product(rows, n, k, group, dtype):
+    layer, gen = _quantised("int4", n, k, group, rows * 100 + n + group, dtype)
+    assert layer.bits == 4
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    x[0, 3] = 20.0  # an outlier: activations are rounded per group, so it costs only its own group
+    got = cpu_kernels().int4_gemv(x, layer.weight, layer.weight_scales_zeros, group)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    # The kernel rounds the activations to int8, one scale (max |x| / 127) per row and group, and
+    # is exact from there on (integer products, fp32 folding): compare with that product in fp32.
+    xg = x.float().view(rows, k // group, group)
+    step = xg.abs().amax(-1, keepdim=True) / 127
+    rounded = ((xg / step).round().clamp(-127, 127) * step).view(rows, k)
+    want = rounded @ dequantize(layer).float().t()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    # and the rounding itself stays small next to the product
+    exact = x.float() @ dequantize(layer).float().t()
+    err = (got.float() - exact).abs().max().item()
+    assert 0 < err < 0.05 * exact.abs().max().item(), err
+
+
+@needs_avx2_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantised_layers_use_the_avx2_gemv_for_decode_steps(fmt, monkeypatch):
+    layer, gen = _quantised(fmt, 128, 256, 64, 7)
+    module = cpu_kernels()
+    calls = []
+    name = f"{fmt}_gemv"
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    with torch.inference_mode():
+        x = torch.randn(1, 6, 256, generator=gen).to(torch.bfloat16)  # six token rows: two calls
+        got = layer(x)
+        assert calls == [4, 2]
+        want = F.linear(x.float(), dequantize(layer).float())
+        assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        calls.clear()
+        layer(torch.randn(40, 256, generator=gen).to(torch.bfloat16))  # a prefill: expand and matmul
+        assert calls == []
+
+
 def test_declines_what_it_does_not_cover():
     w = torch.randn(8, 32).to(torch.bfloat16)
     assert bf16_linear(torch.randn(1, 32), w) is None  # fp32 activations
@@ -46,7 +116,7 @@ def test_declines_what_it_does_not_cover():
 @needs_kernels
 def test_bf16_decode_step_with_kernels_matches_torch_kernels(monkeypatch):
     """A bf16 decode step of the tiny model gives the same logits with and without the C++ kernels."""
-    import glm4v.model.language as language
+    import glm4v.kernels as kernels
 
     pipe = glm4v.load(TINY_DIR, dtype="bfloat16")
     ids = torch.tensor([pipe.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the sea"}],
@@ -65,11 +135,11 @@ def test_bf16_decode_step_with_kernels_matches_torch_kernels(monkeypatch):
         used.append(out is not None)
         return out
 
-    language_kernel = language.bf16_linear
-    monkeypatch.setattr(language, "bf16_linear", counting)
+    language_kernel = kernels.bf16_linear
+    monkeypatch.setattr(kernels, "bf16_linear", counting)  # kernels.linear, the model's linear, calls it
     with_kernels = decode_logits()
     assert sum(used) >= 4 * pipe.config.num_layers  # qkv, dense, h_to_4h, 4h_to_h of every layer
-    monkeypatch.setattr(language, "bf16_linear", lambda *a, **k: None)
+    monkeypatch.setattr(kernels, "bf16_linear", lambda *a, **k: None)
     without = decode_logits()
     scale = without.abs().max().item()
     assert (with_kernels - without).abs().max().item() < 0.02 * scale

@@ -1,8 +1,12 @@
 """Optional C++ kernels for CPU decoding, compiled on first use.
 
-glm4v runs without them: when the CPU lacks AVX512-BF16, no compiler is found, the build fails,
+Two builds, picked by the CPU: ``cpu_gemv.cpp`` for AVX512-BF16 (a bf16 GEMV; torch's own int8 and
+int4 kernels are fast there) and ``cpu_gemv_avx2.cpp`` for AVX2 + FMA CPUs without bf16 units
+(bf16, int8 and int4 GEMVs: torch is slow on all three there, and has no int4 kernel for our layout).
+
+glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
-kernels. A build takes ~30 s once and is cached per source and torch version under
+kernels. A build takes ~30-60 s once and is cached per source, flags and torch version under
 ``$GLM4V_KERNEL_CACHE`` (default ``~/.cache/glm4v/kernels``). Every build is checked against
 torch on random data before it is used.
 """
@@ -18,8 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+# kernel set -> (source, compiler flags)
+BUILDS = {
+    "avx512bf16": (Path(__file__).with_name("cpu_gemv.cpp"),
+                   ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]),
+    "avx2": (Path(__file__).with_name("cpu_gemv_avx2.cpp"), ["-O3", "-mavx2", "-mfma", "-fopenmp"]),
+}
 # Above this many token rows a decode kernel loses to torch's matmul (and the kernel takes 4 at most).
 MAX_ROWS = 4
 
@@ -32,22 +40,30 @@ MAX_ROWS = 4
 UPCAST_MIN_ROWS = 8
 
 
-def cpu_has_avx512_bf16() -> bool:
+def _cpu_flags() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_avx512_bf16() -> bool:
+    flags = _cpu_flags()
     return " avx512_bf16" in flags and " avx512bw" in flags
+
+
+def kernel_set() -> str | None:
+    """Which build of the decode kernels suits this CPU (a key of ``BUILDS``), or None."""
+    if cpu_has_avx512_bf16():
+        return "avx512bf16"
+    flags = _cpu_flags()
+    return "avx2" if " avx2" in flags and " fma" in flags else None
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); otherwise torch emulates it."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return cpu_has_avx512_bf16() or " amx_bf16" in flags
+    return cpu_has_avx512_bf16() or " amx_bf16" in _cpu_flags()
 
 
 def bf16_is_emulated(x: torch.Tensor) -> bool:
@@ -114,17 +130,20 @@ def upcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_to
 @functools.lru_cache(maxsize=None)
 def cpu_kernels():
     """The compiled kernel module, or None when it cannot be used here (see the module docstring)."""
-    if os.environ.get("GLM4V_NO_KERNELS", "") not in ("", "0") or not cpu_has_avx512_bf16():
+    chosen = kernel_set()
+    if os.environ.get("GLM4V_NO_KERNELS", "") not in ("", "0") or chosen is None:
         return None
+    source, flags = BUILDS[chosen]
     try:
         from torch.utils.cpp_extension import load
 
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
         cache = Path(os.environ.get("GLM4V_KERNEL_CACHE", Path.home() / ".cache" / "glm4v" / "kernels")) / digest
         cache.mkdir(parents=True, exist_ok=True)
-        module = load(name=f"glm4v_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        module = load(name=f"glm4v_cpu_{digest}", sources=[str(source)], extra_cflags=flags,
                       extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
         _self_check(module)
+        module.kernel_set = chosen
         return module
     except Exception as e:  # a missing compiler, ninja or header must never break glm4v
         warnings.warn(f"glm4v: CPU decode kernels unavailable, using torch's ({type(e).__name__}: {e})", stacklevel=2)
@@ -133,13 +152,28 @@ def cpu_kernels():
 
 def _self_check(module) -> None:
     gen = torch.Generator().manual_seed(0)
+
+    def check(got, want, what):
+        if not torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+            raise RuntimeError(f"self-check of {what} against torch failed")
+
     for rows, n, k in ((1, 67, 200), (4, 64, 4096)):
         x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
         w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-        got = module.bf16_gemv(x, w).float()
-        want = x.float() @ w.float().t()
-        if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
-            raise RuntimeError("self-check against torch failed")
+        check(module.bf16_gemv(x, w), x.float() @ w.float().t(), "bf16_gemv")
+    if hasattr(module, "int8_gemv"):
+        x = torch.randn(3, 200, generator=gen)
+        codes = torch.randint(-127, 128, (67, 200), generator=gen, dtype=torch.int8)
+        scale = torch.rand(67, generator=gen)
+        check(module.int8_gemv(x, codes, scale), x @ (codes.float() * scale[:, None]).t(), "int8_gemv")
+    if hasattr(module, "int4_gemv"):
+        from glm4v.quant import pack_int4
+
+        x = torch.randn(2, 256, generator=gen)
+        codes = torch.randint(0, 16, (128, 256), generator=gen, dtype=torch.uint8)
+        sz = torch.rand(256 // 64, 128, 2, generator=gen)
+        weight = ((codes.float().view(128, 4, 64) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).view(128, 256)
+        check(module.int4_gemv(x, pack_int4(codes), sz, 64), x @ weight.t(), "int4_gemv")
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:

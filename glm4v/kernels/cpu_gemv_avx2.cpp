@@ -1,0 +1,389 @@
+// Decode-step matrix-vector products for CPUs with AVX2 + FMA but no bf16 units.
+//
+// A decode step multiplies 1-4 token rows by every weight of the model, so it should run at the
+// speed the weights stream from memory. On an AVX2 EPYC torch reaches only half of that for bf16
+// weights (F.linear at M = 1), 40 % for int8 (_weight_int8pack_mm) and, for int4, has no kernel at
+// all (the int4 CPU kernel refuses our layout there, and expanding the weight per step is ~100x too
+// slow). These loops read each weight once, widen it to fp32 in registers and accumulate with FMA;
+// the activations are converted to fp32 once per call. Each thread takes a contiguous range of
+// output rows (at::parallel_for: torch's own thread pool).
+//
+// Layouts are the ones glm4v stores (glm4v/quant.py):
+//   bf16  w [N, K]
+//   int8  w [N, K] int8, scale [N]                     w = code * scale
+//   int4  w [N, K/2] uint8 in 64-row blocks: byte (k, j) of block b holds row 64b+j (low nibble) and
+//         row 64b+32+j (high nibble) of column k; scales_zeros [K/g, N, 2]   w = (code - 8) * scale + zero
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kMaxRows = 4;  // token rows per call
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Scales and zeros arrive in the model dtype: bf16 or fp32.
+inline float scalar_at(const void* base, bool is_bf16, int64_t i) {
+  return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+// ---- bf16 -----------------------------------------------------------------------------------
+// Sixteen bf16 weights are eight 32-bit lanes, each holding weight 2i (low half) and 2i+1 (high
+// half): shifting a lane left by 16 gives weight 2i as fp32, masking off the low half gives weight
+// 2i+1. So x is laid out the same way once per call (xs: per 16 columns, the 8 even then the 8 odd
+// ones) and each 16 weights cost one load, two bit operations and two FMAs.
+
+template <int M, int R>
+void bf16_rows(const float* xs, const float* xf, const uint16_t* w, float* out, int64_t K, int64_t N, int64_t n0,
+               int rows) {
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const uint16_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = w + (n0 + (r < rows ? r : 0)) * K;  // short tail: repeat row 0
+  const int64_t K16 = K / 16 * 16;
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m256 even[R], odd[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(row[r] + k) + 1024, _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k));
+      even[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      odd[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 xe = _mm256_loadu_ps(xs + m * K16 + k);
+      const __m256 xo = _mm256_loadu_ps(xs + m * K16 + k + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[m][r] = _mm256_fmadd_ps(even[r], xe, acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(odd[r], xo, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < rows; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t k = K16; k < K; ++k) s += xf[m * K + k] * bf16_to_float(row[r][k]);
+      out[m * N + n0 + r] = s;
+    }
+}
+
+// ---- int8 -----------------------------------------------------------------------------------
+// Widening every weight to fp32 (two conversions per 8 weights) made this loop compute-bound at
+// ~45 % of the bandwidth on a Zen 1 EPYC. Instead the activations are rounded once per call to
+// 16-bit integers (one scale per row: max|x| / 32767, finer than bf16 for the row's large values)
+// and each 16 weights cost one sign extension, one VPMADDWD and one add, in integers. The int32
+// sums are moved to fp32 every 4,096 columns, before they could overflow (|sum| < 2^31).
+
+constexpr int64_t kInt8Flush = 4096;
+
+template <int M, int R>
+void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const void* scale, bool scale_bf16,
+               float* out, int64_t K, int64_t N, int64_t n0, int rows) {
+  float sum[M][R] = {};
+  const int8_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = w + (n0 + (r < rows ? r : 0)) * K;
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k0 = 0; k0 < K16; k0 += kInt8Flush) {
+    const int64_t k1 = std::min(K16, k0 + kInt8Flush);
+    __m256i acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 16) {
+      __m256i wv[R];
+      for (int r = 0; r < R; ++r) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[r] + k) + 1024, _MM_HINT_T0);
+        wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + k)));
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(wv[r], xv));
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) sum[m][r] += hsum(_mm256_cvtepi32_ps(acc[m][r]));
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < rows; ++r) {
+      float tail = 0.f;
+      for (int64_t k = K16; k < K; ++k) tail += static_cast<float>(xq[m * K + k]) * static_cast<float>(row[r][k]);
+      out[m * N + n0 + r] = (sum[m][r] + tail) * xscale[m] * scalar_at(scale, scale_bf16, n0 + r);
+    }
+}
+
+// x rows -> int16 codes with one scale per row (code = round(x / scale), |code| <= 32767).
+void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* codes, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    float peak = 0.f;
+    for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::fabs(x[m * K + k]));
+    const float scale = peak > 0.f ? peak / 32767.f : 1.f;
+    const float inv = 1.f / scale;
+    for (int64_t k = 0; k < K; ++k)
+      codes[m * K + k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(x[m * K + k] * inv))));
+    scales[m] = scale;
+  }
+}
+
+// ---- int4 -----------------------------------------------------------------------------------
+// Converting nibbles to fp32 costs more than reading them: that version ran at ~25 % of the
+// bandwidth on a Zen 1 EPYC. So the products are taken in integers, as VPMADDUBSW does them
+// (unsigned bytes x signed bytes, adjacent pairs summed into int16). Columns k and k+1 are
+// interleaved byte by byte (VPUNPCKLBW), so each 16-bit lane holds one byte column's codes for k
+// and k+1 (low nibbles: row j, high nibbles: row j+32), and masking gives the unsigned pairs. The
+// activations are rounded per group to int8 (scale max|x| / 127 over the group, as llama.cpp's
+// q8 blocks): an error of at most 0.4 % of the group's largest value, against the ~10 % the int4
+// weights carry. (A 15-bit variant, x = 128 * hi + lo with two VPMADDUBSW per pair, doubles the
+// multiply-adds, which are what bounds this loop.) int16 sums are widened every 8 column pairs (|pair sum| <= 3810,
+// so 8 of them fit), int32 sums folded in per group as x_scale * scale * sum + (zero - 8 * scale) * sum_k x_k.
+
+constexpr int kPairsPerFlush = 8;
+
+// The four int16 accumulators per block: v = 2 * half + nibble, half 0 from VPUNPCKLBW (byte columns
+// 0-7 in the low 128 bits, 16-23 in the high), 1 from VPUNPCKHBW (8-15, 24-31); nibble 1 = rows + 32.
+// Widening each 128-bit half to int32 gives eight consecutive rows, so the sums are kept in row order.
+inline void widen_add(int32_t* sums, __m256i acc, int v) {
+  const int row = 8 * (v >> 1) + 32 * (v & 1);
+  __m256i* lo = reinterpret_cast<__m256i*>(sums + row);
+  __m256i* hi = reinterpret_cast<__m256i*>(sums + row + 16);
+  _mm256_store_si256(lo, _mm256_add_epi32(_mm256_load_si256(lo), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc))));
+  _mm256_store_si256(hi, _mm256_add_epi32(_mm256_load_si256(hi), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1))));
+}
+
+// (scale, zero) of eight consecutive rows, stored interleaved as [s0 z0 s1 z1 ...] in bf16 or fp32.
+inline void load_scales_zeros(const void* sz, bool sz_bf16, int64_t at, __m256& scale, __m256& zero) {
+  if (sz_bf16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(sz) + at));
+    scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else {
+    const float* f = static_cast<const float*>(sz) + at;
+    const __m256 a = _mm256_loadu_ps(f), b = _mm256_loadu_ps(f + 8);
+    scale = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
+    zero = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
+  }
+}
+
+// pairs: per token row, per column pair, the two int8 activations as one 16-bit word.
+template <int M>
+void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
+                const uint8_t* packed, const void* sz, bool sz_bf16, float* out, int64_t K, int64_t N, int64_t block,
+                int64_t group) {
+  const int64_t groups = K / group, half_k = K / 2;
+  const uint8_t* base = packed + block * K * 32;  // [K, 32] bytes of this block
+  float total[M][64] = {};
+  const __m256i nibbles = _mm256_set1_epi16(0x0F0F);
+  alignas(32) int32_t sums[64];
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const uint8_t* gbase = base + gi * group * 32;
+    for (int m = 0; m < M; ++m) {
+      std::memset(sums, 0, sizeof sums);
+      for (int64_t p0 = 0; p0 < group / 2; p0 += kPairsPerFlush) {
+        __m256i acc[4];
+        for (int v = 0; v < 4; ++v) acc[v] = _mm256_setzero_si256();
+        for (int64_t p = p0; p < p0 + kPairsPerFlush; ++p) {
+          const uint8_t* col = gbase + 2 * p * 32;
+          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(col) + 2048, _MM_HINT_T0);
+          const __m256i ck = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
+          const __m256i ck1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + 32));
+          const int64_t at = m * half_k + gi * group / 2 + p;
+          const __m256i xv = _mm256_set1_epi16(pairs[at]);
+          const __m256i mixed[2] = {_mm256_unpacklo_epi8(ck, ck1), _mm256_unpackhi_epi8(ck, ck1)};
+          for (int h = 0; h < 2; ++h) {
+            const __m256i low = _mm256_and_si256(mixed[h], nibbles);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(mixed[h], 4), nibbles);
+            acc[2 * h] = _mm256_add_epi16(acc[2 * h], _mm256_maddubs_epi16(low, xv));
+            acc[2 * h + 1] = _mm256_add_epi16(acc[2 * h + 1], _mm256_maddubs_epi16(high, xv));
+          }
+        }
+        for (int v = 0; v < 4; ++v) widen_add(sums, acc[v], v);
+      }
+      const __m256 xs = _mm256_set1_ps(xscale[m * groups + gi]), xg = _mm256_set1_ps(xsum[m * groups + gi]);
+      for (int r = 0; r < 64; r += 8) {
+        __m256 scale, zero;
+        load_scales_zeros(sz, sz_bf16, (gi * N + block * 64 + r) * 2, scale, zero);
+        const __m256 shift = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);  // zero - 8 * scale
+        const __m256 dot = _mm256_mul_ps(xs, _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums + r))));
+        const __m256 t = _mm256_fmadd_ps(shift, xg, _mm256_loadu_ps(total[m] + r));
+        _mm256_storeu_ps(total[m] + r, _mm256_fmadd_ps(scale, dot, t));
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) std::memcpy(out + m * N + block * 64, total[m], 64 * sizeof(float));
+}
+
+// Per token row and group: int8 codes, packed two columns to a word; the group's scale and the sum of its rounded values.
+void quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group, int16_t* pairs, float* scales,
+                          float* sums) {
+  const int64_t groups = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const float* xg = x + m * K + gi * group;
+      float peak = 0.f;
+      for (int64_t k = 0; k < group; ++k) peak = std::max(peak, std::fabs(xg[k]));
+      const float scale = peak > 0.f ? peak / 127.f : 1.f, inv = 1.f / scale;
+      int32_t code_sum = 0;
+      for (int64_t k = 0; k < group; k += 2) {
+        int8_t code[2];
+        for (int i = 0; i < 2; ++i) {
+          code[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(xg[k + i] * inv))));
+          code_sum += code[i];
+        }
+        pairs[m * (K / 2) + (gi * group + k) / 2] =
+            static_cast<int16_t>(static_cast<uint8_t>(code[0]) | (static_cast<uint8_t>(code[1]) << 8));
+      }
+      scales[m * groups + gi] = scale;
+      // The sum of the rounded activations, not of the exact ones: then the zero term and the code
+      // term see the same x, and the error is (x_rounded - x) times the weights, as it should be.
+      // (With the exact sum it is multiplied by the codes, 0..15, mean 7.5: ~3x larger.)
+      sums[m * groups + gi] = scale * static_cast<float>(code_sum);
+    }
+}
+
+void check_x(const torch::Tensor& x, int64_t K, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name, ": bf16 or float32 activations");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, name, ": x must be [M, K] with K = ", K);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, name, ": 1 to 4 rows");
+}
+
+bool scales_are_bf16(const torch::Tensor& s, const char* name) {
+  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous(), name, ": scales must be contiguous CPU tensors");
+  TORCH_CHECK(s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kFloat, name, ": bf16 or float32 scales");
+  return s.scalar_type() == at::kBFloat16;
+}
+
+template <typename F>
+void by_rows(int M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+}  // namespace
+
+// x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bf16 tensors only");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "bf16_gemv: w must be a contiguous CPU [N, K]");
+  const int64_t K = w.size(1), N = w.size(0);
+  check_x(x, K, "bf16_gemv");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K16 = K / 16 * 16;
+  auto xs = torch::empty({M, std::max<int64_t>(K16, 1)}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* sp = xs.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K16; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        sp[m * K16 + k + i] = xp[m * K + k + 2 * i];
+        sp[m * K16 + k + 8 + i] = xp[m * K + k + 2 * i + 1];
+      }
+  auto out = torch::empty({M, N}, xf.options());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* op = out.data_ptr<float>();
+  by_rows((int)M, [&](auto m_rows) {
+    constexpr int Mr = decltype(m_rows)::value;
+    constexpr int R = Mr <= 2 ? 4 : 2;  // accumulators M x R stay within the 16 registers
+    const int64_t blocks = (N + R - 1) / R;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * R;
+        bf16_rows<Mr, R>(sp, xp, wp, op, K, N, n0, (int)std::min<int64_t>(R, N - n0));
+      }
+    });
+  });
+  return out.to(at::kBFloat16);
+}
+
+// x [M, K] bf16/fp32, w [N, K] int8, scale [N] -> [M, N] in x's dtype.
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "int8_gemv: w must be a contiguous int8 CPU [N, K]");
+  const int64_t K = w.size(1), N = w.size(0);
+  check_x(x, K, "int8_gemv");
+  const bool scale_bf16 = scales_are_bf16(scale, "int8_gemv");
+  TORCH_CHECK(scale.numel() == N, "int8_gemv: one scale per output row");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  auto out = torch::empty({M, N}, xf.options());
+  auto xq_t = torch::empty({M, K}, xf.options().dtype(at::kShort));
+  float xscale[kMaxRows];
+  int16_t* xq = xq_t.data_ptr<int16_t>();
+  quantize_rows_int16(xf.data_ptr<float>(), M, K, xq, xscale);
+  const auto* wp = w.data_ptr<int8_t>();
+  const void* sp = scale.data_ptr();
+  float* op = out.data_ptr<float>();
+  by_rows((int)M, [&](auto m_rows) {
+    constexpr int Mr = decltype(m_rows)::value;
+    constexpr int R = Mr == 1 ? 8 : Mr <= 2 ? 4 : 2;  // 8 weight rows in flight at M = 1: ~10 % faster than 4
+    const int64_t blocks = (N + R - 1) / R;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * R;
+        int8_rows<Mr, R>(xq, xscale, wp, sp, scale_bf16, op, K, N, n0, (int)std::min<int64_t>(R, N - n0));
+      }
+    });
+  });
+  return out.to(x.scalar_type());
+}
+
+// x [M, K] bf16/fp32, packed [N, K/2] uint8 (64-row blocks), scales_zeros [K/g, N, 2] -> [M, N] in x's dtype.
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scales_zeros, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.device().is_cpu() && packed.dim() == 2 &&
+                  packed.is_contiguous(), "int4_gemv: packed must be a contiguous uint8 CPU [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  check_x(x, K, "int4_gemv");
+  TORCH_CHECK(N % 64 == 0, "int4_gemv: N must be a multiple of 64");
+  TORCH_CHECK(group > 0 && K % group == 0, "int4_gemv: K must be a multiple of the group size");
+  const bool sz_bf16 = scales_are_bf16(scales_zeros, "int4_gemv");
+  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
+                  scales_zeros.size(2) == 2, "int4_gemv: scales_zeros must be [K/group, N, 2]");
+  TORCH_CHECK(group % (2 * kPairsPerFlush) == 0, "int4_gemv: the group size must be a multiple of 16");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), groups = K / group;
+  auto pairs_t = torch::empty({M, K / 2}, xf.options().dtype(at::kShort));
+  auto stats = torch::empty({2, M, groups}, xf.options());
+  int16_t* pairs = pairs_t.data_ptr<int16_t>();
+  float* xscale = stats.data_ptr<float>();
+  float* xsum = xscale + M * groups;
+  quantize_groups_int8(xf.data_ptr<float>(), M, K, group, pairs, xscale, xsum);
+  auto out = torch::empty({M, N}, xf.options());
+  float* op = out.data_ptr<float>();
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const void* szp = scales_zeros.data_ptr();
+  by_rows((int)M, [&](auto m_rows) {
+    constexpr int Mr = decltype(m_rows)::value;
+    at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        int4_block<Mr>(pairs, xscale, xsum, wp, szp, sz_bf16, op, K, N, b, group);
+    });
+  });
+  return out.to(x.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_gemv", &bf16_gemv, "x [M<=4, K] bf16 @ w[N, K]^T bf16 -> [M, N] bf16 (AVX2)");
+  m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX2)");
+  m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX2)");
+}
