@@ -292,13 +292,18 @@ class QuantizedLinear(nn.Module):
             return True
         return cpu_int8_kernel_ok() if self.bits == 8 else cpu_int4_kernel_ok()
 
+    @property
+    def _scales(self) -> torch.Tensor:
+        """int8: the per-row scales [N]; int4: the per-group scales and zeros [K/g, N, 2]."""
+        return self.weight_scale if self.bits == 8 else self.weight_scales_zeros
+
     def _own_kernel(self, x: torch.Tensor):
         """glm4v's AVX2 GEMV for this layer (kernels/cpu_gemv_avx2.cpp), or None.
 
         On AVX2 CPUs torch's int8 kernel streams weights at ~40 % of the memory bandwidth and its
         int4 kernel does not read our layout; the AVX2 build has both (docs/PERFORMANCE.md).
         """
-        scales = self.weight_scale if self.bits == 8 else self.weight_scales_zeros
+        scales = self._scales
         if (x.dtype not in (torch.bfloat16, torch.float32) or scales.dtype not in (torch.bfloat16, torch.float32)
                 or not (self.weight.is_contiguous() and scales.is_contiguous())):
             return None
@@ -310,8 +315,7 @@ class QuantizedLinear(nn.Module):
         own = self._own_kernel(x)
         if own is not None:
             extra = () if self.bits == 8 else (self.group_size,)
-            scales = self.weight_scale if self.bits == 8 else self.weight_scales_zeros
-            pieces = [own(x[i : i + KERNEL_ROWS_PER_CALL], self.weight, scales, *extra)
+            pieces = [own(x[i : i + KERNEL_ROWS_PER_CALL], self.weight, self._scales, *extra)
                       for i in range(0, x.shape[0], KERNEL_ROWS_PER_CALL)]
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if self.bits == 8:

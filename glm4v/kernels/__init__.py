@@ -40,6 +40,7 @@ MAX_ROWS = 4
 UPCAST_MIN_ROWS = 8
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

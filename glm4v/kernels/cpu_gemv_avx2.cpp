@@ -4,9 +4,10 @@
 // speed the weights stream from memory. On an AVX2 EPYC torch reaches only half of that for bf16
 // weights (F.linear at M = 1), 40 % for int8 (_weight_int8pack_mm) and, for int4, has no kernel at
 // all (the int4 CPU kernel refuses our layout there, and expanding the weight per step is ~100x too
-// slow). These loops read each weight once, widen it to fp32 in registers and accumulate with FMA;
-// the activations are converted to fp32 once per call. Each thread takes a contiguous range of
-// output rows (at::parallel_for: torch's own thread pool).
+// slow). These loops read each weight once. bf16 weights are widened to fp32 in registers and
+// accumulated with FMA; int8 and int4 weights are multiplied in integers, against activations
+// rounded once per call (int16 per row for int8, int8 per group for int4; see each loop). Each
+// thread takes a contiguous range of output rows (at::parallel_for: torch's own thread pool).
 //
 // Layouts are the ones glm4v stores (glm4v/quant.py):
 //   bf16  w [N, K]
