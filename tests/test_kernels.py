@@ -11,13 +11,20 @@ import torch
 import torch.nn.functional as F
 
 import glm4v
-from glm4v.kernels import bf16_linear, cpu_kernels
+from glm4v.kernels import bf16_linear, build, cpu_kernels, runnable_kernel_sets
 from glm4v.quant import QuantizedLinear, dequantize
 from tests.conftest import TINY_DIR
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX512-BF16 or AVX2 CPU, or no compiler here")
-needs_avx2_kernels = pytest.mark.skipif(not hasattr(cpu_kernels(), "int8_gemv"),
-                                        reason="the int8/int4 GEMVs are built for AVX2 CPUs without bf16 units")
+# Every build this CPU can run is checked, not only the one it uses: an AVX-512 machine checks the
+# AVX2 build too (one more ~40 s compile, cached), so a change to the shared header is caught on either.
+every_build = pytest.mark.parametrize("kernel_set", runnable_kernel_sets() or ["none"])
+
+
+def kernels_of(kernel_set: str):
+    if cpu_kernels() is None or kernel_set == "none":
+        pytest.skip("no AVX512-BF16 or AVX2 CPU, or no compiler here")
+    return build(kernel_set)
 
 
 @needs_kernels
@@ -36,20 +43,42 @@ def test_matches_torch_linear(rows, n, k):
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+@every_build
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("n,k", [(67, 200), (300, 4096 + 17)])
+def test_bf16_gemv_of_every_build_matches_torch(kernel_set, rows, n, k):
+    gen = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    got = kernels_of(kernel_set).bf16_gemv(x, w)
+    want = x.float() @ w.float().t()
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_the_build_this_cpu_uses_comes_first():
+    from glm4v.kernels import kernel_set
+
+    runnable = runnable_kernel_sets()
+    assert (runnable[0] if runnable else None) == kernel_set()
+    if kernel_set() == "avx512bf16":
+        assert runnable == ["avx512bf16", "avx2"]
+
+
 def _quantised(fmt: str, n: int, k: int, group: int, seed: int, dtype=torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)  # rows of different scales
     return QuantizedLinear.from_weight(w.to(dtype), None, fmt, group, dtype), gen
 
 
-@needs_avx2_kernels
+@every_build
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("n,k", [(64, 4096), (67, 200), (5, 29), (300, 13696)])
+@pytest.mark.parametrize("n,k", [(64, 4096), (67, 200), (5, 29), (300, 13696), (9, 4096 + 45)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_gemv_matches_the_dequantised_product(rows, n, k, dtype):
+def test_int8_gemv_matches_the_dequantised_product(kernel_set, rows, n, k, dtype):
     layer, gen = _quantised("int8", n, k, 128, rows * 100 + n, dtype)
     x = torch.randn(rows, k, generator=gen).to(dtype)
-    got = cpu_kernels().int8_gemv(x, layer.weight, layer.weight_scale)
+    got = kernels_of(kernel_set).int8_gemv(x, layer.weight, layer.weight_scale)
     want = x.float() @ dequantize(layer).float().t()
     assert got.shape == (rows, n) and got.dtype == dtype
     # activations rounded to 16-bit integers per row (<= 1/65534 of the row's largest value) and,
@@ -58,16 +87,16 @@ def test_int8_gemv_matches_the_dequantised_product(rows, n, k, dtype):
     assert torch.allclose(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
-@needs_avx2_kernels
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@every_build
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k,group", [(64, 4096, 128), (192, 256, 32), (128, 13696 - 13696 % 64, 64), (64, 512, 256)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_gemv_matches_the_dequantised_product(rows, n, k, group, dtype):
+def test_int4_gemv_matches_the_dequantised_product(kernel_set, rows, n, k, group, dtype):
     layer, gen = _quantised("int4", n, k, group, rows * 100 + n + group, dtype)
     assert layer.bits == 4
     x = torch.randn(rows, k, generator=gen).to(dtype)
     x[0, 3] = 20.0  # an outlier: activations are rounded per group, so it costs only its own group
-    got = cpu_kernels().int4_gemv(x, layer.weight, layer.weight_scales_zeros, group)
+    got = kernels_of(kernel_set).int4_gemv(x, layer.weight, layer.weight_scales_zeros, group)
     assert got.shape == (rows, n) and got.dtype == dtype
     # The kernel rounds the activations to int8, one scale (max |x| / 127) per row and group, and
     # is exact from there on (integer products, fp32 folding): compare with that product in fp32.
@@ -83,9 +112,9 @@ def test_int4_gemv_matches_the_dequantised_product(rows, n, k, group, dtype):
     assert 0 < err < 0.05 * exact.abs().max().item(), err
 
 
-@needs_avx2_kernels
+@needs_kernels
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_quantised_layers_use_the_avx2_gemv_for_decode_steps(fmt, monkeypatch):
+def test_quantised_layers_use_the_gemv_for_decode_steps(fmt, monkeypatch):
     layer, gen = _quantised(fmt, 128, 256, 64, 7)
     module = cpu_kernels()
     calls = []

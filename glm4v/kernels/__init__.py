@@ -1,8 +1,10 @@
 """Optional C++ kernels for CPU decoding, compiled on first use.
 
-Two builds, picked by the CPU: ``cpu_gemv.cpp`` for AVX512-BF16 (a bf16 GEMV; torch's own int8 and
-int4 kernels are fast there) and ``cpu_gemv_avx2.cpp`` for AVX2 + FMA CPUs without bf16 units
-(bf16, int8 and int4 GEMVs: torch is slow on all three there, and has no int4 kernel for our layout).
+Two builds, picked by the CPU: ``cpu_gemv.cpp`` for AVX512-BF16 + VNNI CPUs and ``cpu_gemv_avx2.cpp``
+for AVX2 + FMA CPUs without bf16 units. Each has bf16, int8 and int4 GEMVs for 1-4 token rows:
+torch's own decode kernels stream the weights at 35-75 % of the memory bandwidth on these CPUs, and
+on AVX2 torch has no int4 kernel for our layout at all (docs/PERFORMANCE.md). ``cpu_common.h`` holds
+what both builds share.
 
 glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 # kernel set -> (source, compiler flags)
 BUILDS = {
     "avx512bf16": (Path(__file__).with_name("cpu_gemv.cpp"),
-                   ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]),
+                   ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]),
     "avx2": (Path(__file__).with_name("cpu_gemv_avx2.cpp"), ["-O3", "-mavx2", "-mfma", "-fopenmp"]),
 }
 # Above this many token rows a decode kernel loses to torch's matmul (and the kernel takes 4 at most).
@@ -55,7 +57,7 @@ def cpu_has_avx512_bf16() -> bool:
 
 def kernel_set() -> str | None:
     """Which build of the decode kernels suits this CPU (a key of ``BUILDS``), or None."""
-    if cpu_has_avx512_bf16():
+    if cpu_has_avx512_bf16() and " avx512_vnni" in _cpu_flags():  # every AVX512-BF16 CPU so far has VNNI
         return "avx512bf16"
     flags = _cpu_flags()
     return "avx2" if " avx2" in flags and " fma" in flags else None
@@ -128,24 +130,44 @@ def upcast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_to
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
 
 
+def runnable_kernel_sets() -> list[str]:
+    """Every build this CPU can run, the one ``kernel_set()`` picks first (an AVX-512 CPU runs the AVX2 build too)."""
+    flags = _cpu_flags()
+    runnable = [kernel_set()] if kernel_set() == "avx512bf16" else []
+    if " avx2" in flags and " fma" in flags:
+        runnable.append("avx2")
+    return runnable
+
+
+@functools.lru_cache(maxsize=None)
+def build(chosen: str):
+    """Compile (or find in the cache) the kernel set ``chosen``, check it against torch, return the module.
+
+    Raises when it cannot be built or fails its check; ``cpu_kernels()`` is the forgiving entry.
+    """
+    source, flags = BUILDS[chosen]
+    from torch.utils.cpp_extension import load
+
+    # the shared header is part of every build: a change to it must rebuild both
+    code = source.read_bytes() + source.with_name("cpu_common.h").read_bytes()
+    digest = hashlib.sha256(code + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("GLM4V_KERNEL_CACHE", Path.home() / ".cache" / "glm4v" / "kernels")) / digest
+    cache.mkdir(parents=True, exist_ok=True)
+    module = load(name=f"glm4v_cpu_{digest}", sources=[str(source)], extra_cflags=flags,
+                  extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
+    _self_check(module)
+    module.kernel_set = chosen
+    return module
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_kernels():
-    """The compiled kernel module, or None when it cannot be used here (see the module docstring)."""
+    """The compiled kernel module for this CPU, or None when it cannot be used here (see the module docstring)."""
     chosen = kernel_set()
     if os.environ.get("GLM4V_NO_KERNELS", "") not in ("", "0") or chosen is None:
         return None
-    source, flags = BUILDS[chosen]
     try:
-        from torch.utils.cpp_extension import load
-
-        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("GLM4V_KERNEL_CACHE", Path.home() / ".cache" / "glm4v" / "kernels")) / digest
-        cache.mkdir(parents=True, exist_ok=True)
-        module = load(name=f"glm4v_cpu_{digest}", sources=[str(source)], extra_cflags=flags,
-                      extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
-        _self_check(module)
-        module.kernel_set = chosen
-        return module
+        return build(chosen)
     except Exception as e:  # a missing compiler, ninja or header must never break glm4v
         warnings.warn(f"glm4v: CPU decode kernels unavailable, using torch's ({type(e).__name__}: {e})", stacklevel=2)
         return None

@@ -1,18 +1,26 @@
-// Decode-step matrix-vector products for CPUs with AVX512-BF16.
+// Decode-step matrix-vector products for CPUs with AVX512-BF16 and AVX512-VNNI.
 //
 // A decode step multiplies 1-4 token rows by every weight of the model, so its speed is the speed
 // at which the weights stream from memory. torch's bf16 F.linear at M = 1 reaches only 5-25 GB/s
-// here (worst on the 4096 x 13696 down projection); this loop streams four weight rows at a time,
-// multiplies them with VDPBF16PS (32 bf16 products per instruction, fp32 accumulation) and reaches
-// the memory bandwidth. Each thread takes a contiguous range of output rows.
-#include <torch/extension.h>
+// here (worst on the 4096 x 13696 down projection); the bf16 loop streams four weight rows at a
+// time, multiplies them with VDPBF16PS (32 bf16 products per instruction, fp32 accumulation) and
+// reaches the memory bandwidth. torch's int8 and int4 kernels stop at ~75 % and ~55 % of it; the
+// int8 and int4 loops here take their products in integers with VNNI (see each loop). Each thread
+// takes a contiguous range of output rows (at::parallel_for: torch's own thread pool).
+//
+// Layouts are the ones glm4v stores (glm4v/quant.py):
+//   bf16  w [N, K]
+//   int8  w [N, K] int8, scale [N]                     w = code * scale
+//   int4  w [N, K/2] uint8 in 64-row blocks: byte (k, j) of block b holds row 64b+j (low nibble) and
+//         row 64b+32+j (high nibble) of column k; scales_zeros [K/g, N, 2]   w = (code - 8) * scale + zero
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
+#include "cpu_common.h"
 
 namespace {
+
+using namespace glm4v_kernels;
 
 constexpr int kRows = 4;            // weight rows streamed together
 constexpr int64_t kPrefetch = 512;  // elements ahead (1 KB per row) for the software prefetch
@@ -49,6 +57,169 @@ void gemv_rows(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int6
     for (int r = 0; r < rows; ++r) out[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
+// ---- int8 -----------------------------------------------------------------------------------
+// The activations are rounded once per call to int16 (one scale per row, as the AVX2 build does:
+// finer than bf16 for the row's large values); 32 weights cost one sign-extending load and one
+// VPDPWSSD per token row. The int32 sums move to fp32 every 4,096 columns, before they could
+// overflow (64 steps x 2 x 127 x 32767 < 2^31).
+
+constexpr int64_t kInt8Flush = 4096;
+
+template <int M, int R>
+void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const void* scale, bool scale_bf16,
+               float* out, int64_t K, int64_t N, int64_t n0, int rows) {
+  __m512 sum[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) sum[m][r] = _mm512_setzero_ps();
+  const int8_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = w + (n0 + (r < rows ? r : 0)) * K;  // short tail: repeat row 0
+  for (int64_t k0 = 0; k0 < K; k0 += kInt8Flush) {
+    const int64_t k1 = std::min(K, k0 + kInt8Flush);
+    __m512i acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 32) {
+      // the last step of a row whose length is not a multiple of 32 reads only what is there
+      const __mmask32 mask = k + 32 <= k1 ? ~__mmask32(0) : (__mmask32)((1ull << (k1 - k)) - 1);
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[r] + k) + 1024, _MM_HINT_T0);
+        wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row[r] + k));
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(mask, xq + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], wv[r], xv);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) sum[m][r] = _mm512_add_ps(sum[m][r], _mm512_cvtepi32_ps(acc[m][r]));
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < rows; ++r)
+      out[m * N + n0 + r] = _mm512_reduce_add_ps(sum[m][r]) * xscale[m] * scalar_at(scale, scale_bf16, n0 + r);
+}
+
+// ---- int4 -----------------------------------------------------------------------------------
+// Products in integers with VPDPBUSD: four unsigned bytes (the weight codes, 0..15) times four
+// signed bytes (activations rounded to int8 per group, as llama.cpp's q8 blocks) summed into each
+// int32 lane. So each lane must hold one weight row's codes for four columns. In the block layout
+// a column's 32 bytes hold rows j (low nibble) and j + 32 (high nibble), so eight columns are
+// loaded as four 64-byte vectors (columns k, k+1 | k+2, k+3 | ...) and interleaved in two
+// rounds of in-lane unpacks (bytes, then words). In-lane unpacks never cross the 128-bit lanes,
+// so lanes 0-1 of the result hold columns k, k+2, k+4, k+6 and lanes 2-3 columns k+1, k+3, k+5,
+// k+7; the activations are laid out the same way once per call (`octets`), and the two halves are
+// added when a group is folded in. Masking the low and high nibbles gives rows j and j + 32. Per
+// group, the int32 sums are folded in as x_scale * scale * sum + (zero - 8 * scale) * sum_k x_k.
+
+// The rows an interleaved vector v (0-3) holds in its 128-bit lanes 0 and 1 (lanes 2-3: the same
+// rows, other columns): the word unpack of round two takes dwords 0-3 (lo) or 4-7 (hi) of the
+// byte unpack of round one, which took bytes 0-7 (lo) or 8-15 (hi) of each lane's 16 rows.
+constexpr int kFirstRow[4] = {0, 4, 8, 12};
+
+// per token row, per 8 columns, 64 bytes: (x_k, x_k+2, x_k+4, x_k+6) in dwords 0-7 and
+// (x_k+1, x_k+3, x_k+5, x_k+7) in dwords 8-15
+void octet_layout(const int8_t* codes, int64_t M, int64_t K, int8_t* octets) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 8) {
+      int8_t* o = octets + (m * K + k) * 8;
+      for (int d = 0; d < 16; ++d)
+        for (int i = 0; i < 4; ++i) o[4 * d + i] = codes[m * K + k + 2 * i + (d >= 8)];
+    }
+}
+
+// (scale, zero) of 16 consecutive rows, stored interleaved as [s0 z0 s1 z1 ...] in bf16 or fp32.
+inline void load_scales_zeros(const void* sz, bool sz_bf16, int64_t at, __m512& scale, __m512& zero) {
+  if (sz_bf16) {
+    const __m512i v = _mm512_loadu_si512(static_cast<const uint16_t*>(sz) + at);
+    scale = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    zero = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  } else {
+    const float* f = static_cast<const float*>(sz) + at;
+    const __m512 a = _mm512_loadu_ps(f), b = _mm512_loadu_ps(f + 16);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    scale = _mm512_permutex2var_ps(a, even, b);
+    zero = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+  }
+}
+
+// Token rows m0 .. m0 + MC - 1 of one group of one 64-row block: int32 sums in row order.
+template <int MC>
+inline void int4_group(const int8_t* octets, const uint8_t* gbase, int64_t K, int64_t k_first, int64_t group, int m0,
+                       int32_t (*sums)[64]) {
+  const __m512i nibbles = _mm512_set1_epi8(0x0F);
+  __m512i acc[MC][4][2];
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v) acc[m][v][0] = acc[m][v][1] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < group; c += 8) {
+    const uint8_t* col = gbase + c * 32;
+    _mm_prefetch(reinterpret_cast<const char*>(col) + 2048, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(col) + 2048 + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(col) + 2048 + 128, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(col) + 2048 + 192, _MM_HINT_T0);
+    const __m512i p = _mm512_loadu_si512(col), q = _mm512_loadu_si512(col + 64);
+    const __m512i r = _mm512_loadu_si512(col + 128), s = _mm512_loadu_si512(col + 192);
+    const __m512i pq_lo = _mm512_unpacklo_epi8(p, q), pq_hi = _mm512_unpackhi_epi8(p, q);
+    const __m512i rs_lo = _mm512_unpacklo_epi8(r, s), rs_hi = _mm512_unpackhi_epi8(r, s);
+    const __m512i mixed[4] = {_mm512_unpacklo_epi16(pq_lo, rs_lo), _mm512_unpackhi_epi16(pq_lo, rs_lo),
+                              _mm512_unpacklo_epi16(pq_hi, rs_hi), _mm512_unpackhi_epi16(pq_hi, rs_hi)};
+    __m512i low[4], high[4];
+    for (int v = 0; v < 4; ++v) {
+      low[v] = _mm512_and_si512(mixed[v], nibbles);
+      high[v] = _mm512_and_si512(_mm512_srli_epi16(mixed[v], 4), nibbles);
+    }
+    for (int m = 0; m < MC; ++m) {
+      const __m512i xv = _mm512_loadu_si512(octets + ((m0 + m) * K + k_first + c) * 8);
+      for (int v = 0; v < 4; ++v) {
+        acc[m][v][0] = _mm512_dpbusd_epi32(acc[m][v][0], low[v], xv);
+        acc[m][v][1] = _mm512_dpbusd_epi32(acc[m][v][1], high[v], xv);
+      }
+    }
+  }
+  for (int m = 0; m < MC; ++m)
+    for (int v = 0; v < 4; ++v)
+      for (int h = 0; h < 2; ++h) {
+        // lanes 2-3 hold the same rows as lanes 0-1 (the other four columns of each octet)
+        const __m512i a = acc[m][v][h];
+        const __m256i both = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+        const int row = kFirstRow[v] + 32 * h;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(sums[m] + row), _mm256_castsi256_si128(both));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(sums[m] + row + 16), _mm256_extracti128_si256(both, 1));
+      }
+}
+
+template <int M>
+void int4_block(const int8_t* octets, const float* xscale, const float* xsum, const uint8_t* packed, const void* sz,
+                bool sz_bf16, float* out, int64_t K, int64_t N, int64_t block, int64_t group) {
+  const int64_t groups = K / group;
+  const uint8_t* base = packed + block * K * 32;  // [K, 32] bytes of this block
+  __m512 total[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int i = 0; i < 4; ++i) total[m][i] = _mm512_setzero_ps();
+  alignas(64) int32_t sums[M][64];
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const uint8_t* gbase = base + gi * group * 32;
+    // two token rows per pass keep the 16 accumulators and the unpacked weights in registers;
+    // a second pass reads the group's weights (4 KB at group 128) again from the L1 cache
+    for (int m0 = 0; m0 < M; m0 += 2) {
+      if (M - m0 >= 2) int4_group<2>(octets, gbase, K, gi * group, group, m0, sums + m0);
+      else int4_group<1>(octets, gbase, K, gi * group, group, m0, sums + m0);
+    }
+    for (int i = 0; i < 4; ++i) {
+      __m512 scale, zero;
+      load_scales_zeros(sz, sz_bf16, (gi * N + block * 64 + 16 * i) * 2, scale, zero);
+      const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  // zero - 8 * scale
+      for (int m = 0; m < M; ++m) {
+        const __m512 dot = _mm512_mul_ps(_mm512_set1_ps(xscale[m * groups + gi]),
+                                         _mm512_cvtepi32_ps(_mm512_load_si512(sums[m] + 16 * i)));
+        const __m512 t = _mm512_fmadd_ps(shift, _mm512_set1_ps(xsum[m * groups + gi]), total[m][i]);
+        total[m][i] = _mm512_fmadd_ps(scale, dot, t);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + m * N + block * 64 + 16 * i, total[m][i]);
+}
+
 }  // namespace
 
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
@@ -80,6 +251,65 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   return out.to(at::kBFloat16);
 }
 
+// x [M, K] bf16/fp32, w [N, K] int8, scale [N] -> [M, N] in x's dtype.
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  bool scale_bf16;
+  check_int8(x, w, scale, scale_bf16);
+  const int64_t K = w.size(1), N = w.size(0);
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  auto out = torch::empty({M, N}, xf.options());
+  auto xq_t = torch::empty({M, K}, xf.options().dtype(at::kShort));
+  float xscale[kMaxRows];
+  int16_t* xq = xq_t.data_ptr<int16_t>();
+  quantize_rows_int16(xf.data_ptr<float>(), M, K, xq, xscale);
+  const auto* wp = w.data_ptr<int8_t>();
+  const void* sp = scale.data_ptr();
+  float* op = out.data_ptr<float>();
+  by_rows((int)M, [&](auto m_rows) {
+    constexpr int Mr = decltype(m_rows)::value;
+    constexpr int R = Mr <= 2 ? 8 : 4;  // accumulators (2 x M x R) and weights stay within 32 registers
+    const int64_t blocks = (N + R - 1) / R;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * R;
+        int8_rows<Mr, R>(xq, xscale, wp, sp, scale_bf16, op, K, N, n0, (int)std::min<int64_t>(R, N - n0));
+      }
+    });
+  });
+  return out.to(x.scalar_type());
+}
+
+// x [M, K] bf16/fp32, packed [N, K/2] uint8 (64-row blocks), scales_zeros [K/g, N, 2] -> [M, N] in x's dtype.
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scales_zeros, int64_t group) {
+  bool sz_bf16;
+  check_int4(x, packed, scales_zeros, group, 8, sz_bf16);
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), groups = K / group;
+  auto codes_t = torch::empty({M, K}, xf.options().dtype(at::kChar));
+  auto octets_t = torch::empty({M, K * 8}, xf.options().dtype(at::kChar));
+  auto stats = torch::empty({2, M, groups}, xf.options());
+  float* xscale = stats.data_ptr<float>();
+  float* xsum = xscale + M * groups;
+  quantize_groups_int8(xf.data_ptr<float>(), M, K, group, codes_t.data_ptr<int8_t>(), xscale, xsum);
+  const int8_t* octets = octets_t.data_ptr<int8_t>();
+  octet_layout(codes_t.data_ptr<int8_t>(), M, K, octets_t.data_ptr<int8_t>());
+  auto out = torch::empty({M, N}, xf.options());
+  float* op = out.data_ptr<float>();
+  const auto* wp = packed.data_ptr<uint8_t>();
+  const void* szp = scales_zeros.data_ptr();
+  by_rows((int)M, [&](auto m_rows) {
+    constexpr int Mr = decltype(m_rows)::value;
+    at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) int4_block<Mr>(octets, xscale, xsum, wp, szp, sz_bf16, op, K, N, b, group);
+    });
+  });
+  return out.to(x.scalar_type());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
+  m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX512-VNNI)");
+  m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX512-VNNI)");
 }

@@ -14,36 +14,20 @@
 //   int8  w [N, K] int8, scale [N]                     w = code * scale
 //   int4  w [N, K/2] uint8 in 64-row blocks: byte (k, j) of block b holds row 64b+j (low nibble) and
 //         row 64b+32+j (high nibble) of column k; scales_zeros [K/g, N, 2]   w = (code - 8) * scale + zero
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "cpu_common.h"
 
 namespace {
 
-constexpr int kMaxRows = 4;  // token rows per call
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using namespace glm4v_kernels;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// Scales and zeros arrive in the model dtype: bf16 or fp32.
-inline float scalar_at(const void* base, bool is_bf16, int64_t i) {
-  return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
 }
 
 // ---- bf16 -----------------------------------------------------------------------------------
@@ -128,19 +112,6 @@ void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const vo
       for (int64_t k = K16; k < K; ++k) tail += static_cast<float>(xq[m * K + k]) * static_cast<float>(row[r][k]);
       out[m * N + n0 + r] = (sum[m][r] + tail) * xscale[m] * scalar_at(scale, scale_bf16, n0 + r);
     }
-}
-
-// x rows -> int16 codes with one scale per row (code = round(x / scale), |code| <= 32767).
-void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* codes, float* scales) {
-  for (int64_t m = 0; m < M; ++m) {
-    float peak = 0.f;
-    for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::fabs(x[m * K + k]));
-    const float scale = peak > 0.f ? peak / 32767.f : 1.f;
-    const float inv = 1.f / scale;
-    for (int64_t k = 0; k < K; ++k)
-      codes[m * K + k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(x[m * K + k] * inv))));
-    scales[m] = scale;
-  }
 }
 
 // ---- int4 -----------------------------------------------------------------------------------
@@ -230,57 +201,6 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
   for (int m = 0; m < M; ++m) std::memcpy(out + m * N + block * 64, total[m], 64 * sizeof(float));
 }
 
-// Per token row and group: int8 codes, packed two columns to a word; the group's scale and the sum of its rounded values.
-void quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group, int16_t* pairs, float* scales,
-                          float* sums) {
-  const int64_t groups = K / group;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const float* xg = x + m * K + gi * group;
-      float peak = 0.f;
-      for (int64_t k = 0; k < group; ++k) peak = std::max(peak, std::fabs(xg[k]));
-      const float scale = peak > 0.f ? peak / 127.f : 1.f, inv = 1.f / scale;
-      int32_t code_sum = 0;
-      for (int64_t k = 0; k < group; k += 2) {
-        int8_t code[2];
-        for (int i = 0; i < 2; ++i) {
-          code[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(xg[k + i] * inv))));
-          code_sum += code[i];
-        }
-        pairs[m * (K / 2) + (gi * group + k) / 2] =
-            static_cast<int16_t>(static_cast<uint8_t>(code[0]) | (static_cast<uint8_t>(code[1]) << 8));
-      }
-      scales[m * groups + gi] = scale;
-      // The sum of the rounded activations, not of the exact ones: then the zero term and the code
-      // term see the same x, and the error is (x_rounded - x) times the weights, as it should be.
-      // (With the exact sum it is multiplied by the codes, 0..15, mean 7.5: ~3x larger.)
-      sums[m * groups + gi] = scale * static_cast<float>(code_sum);
-    }
-}
-
-void check_x(const torch::Tensor& x, int64_t K, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), name, ": CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name, ": bf16 or float32 activations");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, name, ": x must be [M, K] with K = ", K);
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, name, ": 1 to 4 rows");
-}
-
-bool scales_are_bf16(const torch::Tensor& s, const char* name) {
-  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous(), name, ": scales must be contiguous CPU tensors");
-  TORCH_CHECK(s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kFloat, name, ": bf16 or float32 scales");
-  return s.scalar_type() == at::kBFloat16;
-}
-
-template <typename F>
-void by_rows(int M, F&& f) {
-  switch (M) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
-
 }  // namespace
 
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
@@ -319,12 +239,9 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
 
 // x [M, K] bf16/fp32, w [N, K] int8, scale [N] -> [M, N] in x's dtype.
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(w.scalar_type() == at::kChar && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
-              "int8_gemv: w must be a contiguous int8 CPU [N, K]");
+  bool scale_bf16;
+  check_int8(x, w, scale, scale_bf16);
   const int64_t K = w.size(1), N = w.size(0);
-  check_x(x, K, "int8_gemv");
-  const bool scale_bf16 = scales_are_bf16(scale, "int8_gemv");
-  TORCH_CHECK(scale.numel() == N, "int8_gemv: one scale per output row");
   const auto xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
   auto out = torch::empty({M, N}, xf.options());
@@ -351,24 +268,18 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 
 // x [M, K] bf16/fp32, packed [N, K/2] uint8 (64-row blocks), scales_zeros [K/g, N, 2] -> [M, N] in x's dtype.
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scales_zeros, int64_t group) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.device().is_cpu() && packed.dim() == 2 &&
-                  packed.is_contiguous(), "int4_gemv: packed must be a contiguous uint8 CPU [N, K/2]");
+  bool sz_bf16;
+  check_int4(x, packed, scales_zeros, group, 2 * kPairsPerFlush, sz_bf16);
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  check_x(x, K, "int4_gemv");
-  TORCH_CHECK(N % 64 == 0, "int4_gemv: N must be a multiple of 64");
-  TORCH_CHECK(group > 0 && K % group == 0, "int4_gemv: K must be a multiple of the group size");
-  const bool sz_bf16 = scales_are_bf16(scales_zeros, "int4_gemv");
-  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
-                  scales_zeros.size(2) == 2, "int4_gemv: scales_zeros must be [K/group, N, 2]");
-  TORCH_CHECK(group % (2 * kPairsPerFlush) == 0, "int4_gemv: the group size must be a multiple of 16");
   const auto xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0), groups = K / group;
-  auto pairs_t = torch::empty({M, K / 2}, xf.options().dtype(at::kShort));
+  auto codes_t = torch::empty({M, K}, xf.options().dtype(at::kChar));
   auto stats = torch::empty({2, M, groups}, xf.options());
-  int16_t* pairs = pairs_t.data_ptr<int16_t>();
   float* xscale = stats.data_ptr<float>();
   float* xsum = xscale + M * groups;
-  quantize_groups_int8(xf.data_ptr<float>(), M, K, group, pairs, xscale, xsum);
+  quantize_groups_int8(xf.data_ptr<float>(), M, K, group, codes_t.data_ptr<int8_t>(), xscale, xsum);
+  // two consecutive int8 codes read as one 16-bit word: the column pair int4_block multiplies
+  const auto* pairs = reinterpret_cast<const int16_t*>(codes_t.data_ptr<int8_t>());
   auto out = torch::empty({M, N}, xf.options());
   float* op = out.data_ptr<float>();
   const auto* wp = packed.data_ptr<uint8_t>();

@@ -1,0 +1,116 @@
+// Scalar helpers shared by both builds of the decode kernels (cpu_gemv.cpp, cpu_gemv_avx2.cpp):
+// argument checks, and the rounding of the activations to integers that the int8 and int4 loops
+// multiply with. Nothing here depends on the instruction set.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace glm4v_kernels {
+
+constexpr int kMaxRows = 4;  // token rows per call
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Scales and zeros arrive in the model dtype: bf16 or fp32.
+inline float scalar_at(const void* base, bool is_bf16, int64_t i) {
+  return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
+}
+
+// x rows -> int16 codes with one scale per row (code = round(x / scale), |code| <= 32767): finer
+// than bf16 for the row's large values, so an int8 weight times these codes loses almost nothing.
+inline void quantize_rows_int16(const float* x, int64_t M, int64_t K, int16_t* codes, float* scales) {
+  for (int64_t m = 0; m < M; ++m) {
+    float peak = 0.f;
+    for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::fabs(x[m * K + k]));
+    const float scale = peak > 0.f ? peak / 32767.f : 1.f;
+    const float inv = 1.f / scale;
+    for (int64_t k = 0; k < K; ++k)
+      codes[m * K + k] = static_cast<int16_t>(std::max(-32767.f, std::min(32767.f, std::nearbyint(x[m * K + k] * inv))));
+    scales[m] = scale;
+  }
+}
+
+// x rows -> int8 codes per group of columns (scale max|x| / 127 over the group, as llama.cpp's q8
+// blocks), [M, K] in column order; per row and group the scale and the sum of the rounded values.
+inline void quantize_groups_int8(const float* x, int64_t M, int64_t K, int64_t group, int8_t* codes, float* scales,
+                                 float* sums) {
+  const int64_t groups = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const float* xg = x + m * K + gi * group;
+      int8_t* cg = codes + m * K + gi * group;
+      float peak = 0.f;
+      for (int64_t k = 0; k < group; ++k) peak = std::max(peak, std::fabs(xg[k]));
+      const float scale = peak > 0.f ? peak / 127.f : 1.f, inv = 1.f / scale;
+      int32_t code_sum = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        cg[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(xg[k] * inv))));
+        code_sum += cg[k];
+      }
+      scales[m * groups + gi] = scale;
+      // The sum of the rounded activations, not of the exact ones: then the zero term and the code
+      // term see the same x, and the error is (x_rounded - x) times the weights, as it should be.
+      // (With the exact sum it is multiplied by the codes, 0..15, mean 7.5: ~3x larger.)
+      sums[m * groups + gi] = scale * static_cast<float>(code_sum);
+    }
+}
+
+inline void check_x(const torch::Tensor& x, int64_t K, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name, ": bf16 or float32 activations");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, name, ": x must be [M, K] with K = ", K);
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, name, ": 1 to 4 rows");
+}
+
+inline bool scales_are_bf16(const torch::Tensor& s, const char* name) {
+  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous(), name, ": scales must be contiguous CPU tensors");
+  TORCH_CHECK(s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kFloat, name, ": bf16 or float32 scales");
+  return s.scalar_type() == at::kBFloat16;
+}
+
+// The int8 and int4 argument checks, the same for both builds.
+inline void check_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, bool& scale_bf16) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "int8_gemv: w must be a contiguous int8 CPU [N, K]");
+  check_x(x, w.size(1), "int8_gemv");
+  scale_bf16 = scales_are_bf16(scale, "int8_gemv");
+  TORCH_CHECK(scale.numel() == w.size(0), "int8_gemv: one scale per output row");
+}
+
+inline void check_int4(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales_zeros,
+                       int64_t group, int64_t group_multiple, bool& sz_bf16) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.device().is_cpu() && packed.dim() == 2 &&
+                  packed.is_contiguous(), "int4_gemv: packed must be a contiguous uint8 CPU [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  check_x(x, K, "int4_gemv");
+  TORCH_CHECK(N % 64 == 0, "int4_gemv: N must be a multiple of 64");
+  TORCH_CHECK(group > 0 && K % group == 0, "int4_gemv: K must be a multiple of the group size");
+  TORCH_CHECK(group % group_multiple == 0, "int4_gemv: the group size must be a multiple of ", group_multiple);
+  sz_bf16 = scales_are_bf16(scales_zeros, "int4_gemv");
+  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
+                  scales_zeros.size(2) == 2, "int4_gemv: scales_zeros must be [K/group, N, 2]");
+}
+
+// Calls f with the row count as a compile-time constant (1-4), so each count gets its own loop.
+template <typename F>
+void by_rows(int M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+}  // namespace glm4v_kernels
