@@ -46,6 +46,10 @@ def monkeypatch_module():
 def test_report_has_every_required_number(report):
     json.dumps(report)  # one JSON object
     assert report["bandwidth_gbs"] > 0 and report["matmul_gflops"] > 0
+    # the roofline is the fastest of the read probes (torch's sum, and glm4v's own where it is built)
+    probes = report["bandwidth_gbs_by_probe"]
+    assert report["bandwidth_gbs"] == probes[report["bandwidth_probe"]] == max(probes.values())
+    assert "torch sum" in probes and ("glm4v stream_read" in probes) == (glm4v.kernels.cpu_kernels() is not None)
     from glm4v.kernels import cpu_has_native_bf16
 
     assert report["matmul_compute_dtype"] == ("bf16" if cpu_has_native_bf16() else "float32 (bf16 is emulated on this CPU)")

@@ -56,6 +56,17 @@ def test_bf16_gemv_of_every_build_matches_torch(kernel_set, rows, n, k):
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
+@every_build
+def test_stream_read_reads_every_byte(kernel_set):
+    """The bench's memory probe: 64-bit words of each whole MB summed, then the tail's bytes."""
+    import numpy as np
+
+    data = torch.randint(0, 256, ((2 << 20) + 13,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    words = data[: 2 << 20].numpy().view(np.uint64)
+    want = (int(words.sum(dtype=np.uint64)) + int(data[2 << 20 :].sum())) % (1 << 64)
+    assert kernels_of(kernel_set).stream_read(data) % (1 << 64) == want
+
+
 def test_the_build_this_cpu_uses_comes_first():
     from glm4v.kernels import kernel_set
 

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hp.add_argument("--weight-decay", type=float, default=None)
     hp.add_argument("--grad-clip", type=float, default=None)
     hp.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
-                    help="bf16 autocast (a recipe's default: on where the device has bf16 units)")
+                    help="bf16 autocast (default: the recipe's choice, on only where the device has bf16 units; the embedded recipe: off)")
     hp.add_argument("--eval-every", type=int, default=None)
     hp.add_argument("--save-every", type=int, default=None)
     hp.add_argument("--val-generate", type=int, default=None, help="validation conversations answered for accuracy")
