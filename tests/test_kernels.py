@@ -100,7 +100,11 @@ def test_int8_gemv_matches_the_dequantised_product(kernel_set, rows, n, k, dtype
 
 @every_build
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("n,k,group", [(64, 4096, 128), (192, 256, 32), (128, 13696 - 13696 % 64, 64), (64, 512, 256)])
+# 64-row blocks go through the AVX-512 loop several at a time (4 for one token row, 2 for two):
+# 192 and 576 rows leave blocks over, 576 splits into runs on both threads
+@pytest.mark.parametrize(
+    "n,k,group", [(64, 4096, 128), (192, 256, 32), (128, 13696 - 13696 % 64, 64), (64, 512, 256), (576, 512, 16)]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_gemv_matches_the_dequantised_product(kernel_set, rows, n, k, group, dtype):
     layer, gen = _quantised("int4", n, k, group, rows * 100 + n + group, dtype)

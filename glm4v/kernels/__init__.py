@@ -27,7 +27,8 @@ import torch.nn.functional as F
 # kernel set -> (source, compiler flags)
 BUILDS = {
     "avx512bf16": (Path(__file__).with_name("cpu_gemv.cpp"),
-                   ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]),
+                   ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+                    "-mavx512vbmi", "-fopenmp"]),
     "avx2": (Path(__file__).with_name("cpu_gemv_avx2.cpp"), ["-O3", "-mavx2", "-mfma", "-fopenmp"]),
 }
 # Above this many token rows a decode kernel loses to torch's matmul (and the kernel takes 4 at most).
@@ -57,7 +58,9 @@ def cpu_has_avx512_bf16() -> bool:
 
 def kernel_set() -> str | None:
     """Which build of the decode kernels suits this CPU (a key of ``BUILDS``), or None."""
-    if cpu_has_avx512_bf16() and " avx512_vnni" in _cpu_flags():  # every AVX512-BF16 CPU so far has VNNI
+    # VNNI came with every AVX512-BF16 CPU; VBMI (the int4 loop's byte gather) did not come with
+    # Cooper Lake, which takes the AVX2 build
+    if cpu_has_avx512_bf16() and " avx512_vnni" in _cpu_flags() and " avx512vbmi" in _cpu_flags():
         return "avx512bf16"
     flags = _cpu_flags()
     return "avx2" if " avx2" in flags and " fma" in flags else None

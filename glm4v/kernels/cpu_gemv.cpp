@@ -1,4 +1,4 @@
-// Decode-step matrix-vector products for CPUs with AVX512-BF16 and AVX512-VNNI.
+// Decode-step matrix-vector products for CPUs with AVX512-BF16, AVX512-VNNI and AVX512-VBMI.
 //
 // A decode step multiplies 1-4 token rows by every weight of the model, so its speed is the speed
 // at which the weights stream from memory. torch's bf16 F.linear at M = 1 reaches only 5-25 GB/s
@@ -102,31 +102,37 @@ void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const vo
 // ---- int4 -----------------------------------------------------------------------------------
 // Products in integers with VPDPBUSD: four unsigned bytes (the weight codes, 0..15) times four
 // signed bytes (activations rounded to int8 per group, as llama.cpp's q8 blocks) summed into each
-// int32 lane. So each lane must hold one weight row's codes for four columns. In the block layout
-// a column's 32 bytes hold rows j (low nibble) and j + 32 (high nibble), so eight columns are
-// loaded as four 64-byte vectors (columns k, k+1 | k+2, k+3 | ...) and interleaved in two
-// rounds of in-lane unpacks (bytes, then words). In-lane unpacks never cross the 128-bit lanes,
-// so lanes 0-1 of the result hold columns k, k+2, k+4, k+6 and lanes 2-3 columns k+1, k+3, k+5,
-// k+7; the activations are laid out the same way once per call (`octets`), and the two halves are
-// added when a group is folded in. Masking the low and high nibbles gives rows j and j + 32. Per
-// group, the int32 sums are folded in as x_scale * scale * sum + (zero - 8 * scale) * sum_k x_k.
+// int32 lane. So each lane must hold one weight row's codes for four consecutive columns. In the
+// block layout a column's 32 bytes hold rows j (low nibble) and j + 32 (high nibble), so one
+// 64-byte load is two columns; one VPERMT2B of two loads (four columns) gathers rows 0-15 into
+// a vector, another rows 16-31. The low nibbles (AND 0x0F) are rows j, the high nibbles are left
+// in place (AND 0xF0: 16 x the code, so the sum is exactly 16 x the dot product and a shift
+// undoes it); the activations of four columns are one broadcast dword. Per group the int32 sums
+// are folded in as x_scale * scale * sum + (zero - 8 * scale) * sum_k x_k.
+//
+// Why several blocks at once: one 64-row block is a single sequential stream, and one stream
+// per thread read ~65 % of the memory bandwidth on a Xeon with AMX whatever the prefetch
+// distance; reading four blocks' lines in turn (as the bf16 and int8 loops read several weight
+// rows) reached ~90 % of it, 1.3x faster. Token rows share those registers, so fewer blocks
+// go together when a step carries more rows.
 
-// The rows an interleaved vector v (0-3) holds in its 128-bit lanes 0 and 1 (lanes 2-3: the same
-// rows, other columns): the word unpack of round two takes dwords 0-3 (lo) or 4-7 (hi) of the
-// byte unpack of round one, which took bytes 0-7 (lo) or 8-15 (hi) of each lane's 16 rows.
-constexpr int kFirstRow[4] = {0, 4, 8, 12};
-constexpr int64_t kInt4Prefetch = 4096;  // bytes ahead
+constexpr int64_t kInt4Prefetch = 1024;  // bytes ahead in each block's stream
 
-// per token row, per 8 columns, 64 bytes: (x_k, x_k+2, x_k+4, x_k+6) in dwords 0-7 and
-// (x_k+1, x_k+3, x_k+5, x_k+7) in dwords 8-15
-void octet_layout(const int8_t* codes, int64_t M, int64_t K, int8_t* octets) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; k += 8) {
-      int8_t* o = octets + (m * K + k) * 8;
-      for (int d = 0; d < 16; ++d)
-        for (int i = 0; i < 4; ++i) o[4 * d + i] = codes[m * K + k + 2 * i + (d >= 8)];
-    }
-}
+// byte (4l + i) of a gathered vector: column i of row l (idx_low) or row 16 + l (idx_high) of a
+// pair of 64-byte loads, whose bytes 0-31 / 32-63 / 64-95 / 96-127 are columns 0 / 1 / 2 / 3
+struct RowGather {
+  __m512i low, high;
+  RowGather() {
+    alignas(64) uint8_t lo[64], hi[64];
+    for (int l = 0; l < 16; ++l)
+      for (int i = 0; i < 4; ++i) {
+        lo[4 * l + i] = static_cast<uint8_t>(32 * i + l);
+        hi[4 * l + i] = static_cast<uint8_t>(32 * i + 16 + l);
+      }
+    low = _mm512_load_si512(lo);
+    high = _mm512_load_si512(hi);
+  }
+};
 
 // (scale, zero) of 16 consecutive rows, stored interleaved as [s0 z0 s1 z1 ...] in bf16 or fp32.
 inline void load_scales_zeros(const void* sz, bool sz_bf16, int64_t at, __m512& scale, __m512& zero) {
@@ -143,82 +149,82 @@ inline void load_scales_zeros(const void* sz, bool sz_bf16, int64_t at, __m512& 
   }
 }
 
-// Token rows m0 .. m0 + MC - 1 of one group of one 64-row block: int32 sums in row order.
-template <int MC>
-inline void int4_group(const int8_t* octets, const uint8_t* gbase, int64_t K, int64_t k_first, int64_t group, int m0,
-                       int32_t (*sums)[64]) {
-  const __m512i nibbles = _mm512_set1_epi8(0x0F);
-  __m512i acc[MC][4][2];
-  for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < 4; ++v) acc[m][v][0] = acc[m][v][1] = _mm512_setzero_si512();
-  for (int64_t c = 0; c < group; c += 8) {
-    const uint8_t* col = gbase + c * 32;
-    // one stream per thread: the hardware prefetcher stops at each 4 KB page, so the software
-    // prefetch runs a page ahead (2 KB ahead read ~15 % slower from memory on a Xeon with AMX)
-    for (int line = 0; line < 4; ++line)
-      _mm_prefetch(reinterpret_cast<const char*>(col) + kInt4Prefetch + 64 * line, _MM_HINT_T0);
-    const __m512i p = _mm512_loadu_si512(col), q = _mm512_loadu_si512(col + 64);
-    const __m512i r = _mm512_loadu_si512(col + 128), s = _mm512_loadu_si512(col + 192);
-    const __m512i pq_lo = _mm512_unpacklo_epi8(p, q), pq_hi = _mm512_unpackhi_epi8(p, q);
-    const __m512i rs_lo = _mm512_unpacklo_epi8(r, s), rs_hi = _mm512_unpackhi_epi8(r, s);
-    const __m512i mixed[4] = {_mm512_unpacklo_epi16(pq_lo, rs_lo), _mm512_unpackhi_epi16(pq_lo, rs_lo),
-                              _mm512_unpacklo_epi16(pq_hi, rs_hi), _mm512_unpackhi_epi16(pq_hi, rs_hi)};
-    __m512i low[4], high[4];
-    for (int v = 0; v < 4; ++v) {
-      low[v] = _mm512_and_si512(mixed[v], nibbles);
-      high[v] = _mm512_and_si512(_mm512_srli_epi16(mixed[v], 4), nibbles);
-    }
-    for (int m = 0; m < MC; ++m) {
-      const __m512i xv = _mm512_loadu_si512(octets + ((m0 + m) * K + k_first + c) * 8);
-      for (int v = 0; v < 4; ++v) {
-        acc[m][v][0] = _mm512_dpbusd_epi32(acc[m][v][0], low[v], xv);
-        acc[m][v][1] = _mm512_dpbusd_epi32(acc[m][v][1], high[v], xv);
+// M token rows times B consecutive 64-row blocks (block0 ..): out[m, 64 * block0 ...].
+// acc[m][b][i] holds rows 16i .. 16i + 15 of block b: i = 0, 1 low nibbles, 2, 3 high.
+template <int M, int B>
+void int4_blocks(const int8_t* codes, const float* xscale, const float* xsum, const uint8_t* packed, const void* sz,
+                 bool sz_bf16, float* out, int64_t K, int64_t N, int64_t block0, int64_t group,
+                 const RowGather& gather) {
+  const int64_t groups = K / group;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F), high_nibbles = _mm512_set1_epi8(static_cast<char>(0xF0));
+  __m512 total[M][B][4];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < 4; ++i) total[m][b][i] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m512i acc[M][B][4];
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < B; ++b)
+        for (int i = 0; i < 4; ++i) acc[m][b][i] = _mm512_setzero_si512();
+    for (int64_t c = gi * group; c < (gi + 1) * group; c += 8) {
+      __m512i x_low[M], x_high[M];  // columns c .. c+3 and c+4 .. c+7, one dword broadcast each
+      for (int m = 0; m < M; ++m) {
+        int32_t quad[2];
+        std::memcpy(quad, codes + m * K + c, 8);
+        x_low[m] = _mm512_set1_epi32(quad[0]);
+        x_high[m] = _mm512_set1_epi32(quad[1]);
+      }
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* col = packed + ((block0 + b) * K + c) * 32;
+        for (int line = 0; line < 4; ++line)
+          _mm_prefetch(reinterpret_cast<const char*>(col) + kInt4Prefetch + 64 * line, _MM_HINT_T0);
+        const __m512i p = _mm512_loadu_si512(col), q = _mm512_loadu_si512(col + 64);
+        const __m512i r = _mm512_loadu_si512(col + 128), s = _mm512_loadu_si512(col + 192);
+        const __m512i first[2] = {_mm512_permutex2var_epi8(p, gather.low, q), _mm512_permutex2var_epi8(p, gather.high, q)};
+        const __m512i second[2] = {_mm512_permutex2var_epi8(r, gather.low, s), _mm512_permutex2var_epi8(r, gather.high, s)};
+        for (int h = 0; h < 2; ++h) {
+          const __m512i w_first[2] = {_mm512_and_si512(first[h], low_nibbles), _mm512_and_si512(first[h], high_nibbles)};
+          const __m512i w_second[2] = {_mm512_and_si512(second[h], low_nibbles), _mm512_and_si512(second[h], high_nibbles)};
+          for (int m = 0; m < M; ++m)
+            for (int n = 0; n < 2; ++n) {
+              __m512i& a = acc[m][b][2 * n + h];
+              a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a, w_first[n], x_low[m]), w_second[n], x_high[m]);
+            }
+        }
       }
     }
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < 4; ++i) {
+        __m512 scale, zero;
+        load_scales_zeros(sz, sz_bf16, (gi * N + (block0 + b) * 64 + 16 * i) * 2, scale, zero);
+        const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  // zero - 8 * scale
+        for (int m = 0; m < M; ++m) {
+          const __m512i sum = i >= 2 ? _mm512_srai_epi32(acc[m][b][i], 4) : acc[m][b][i];  // exact: 16 | sum
+          const __m512 dot = _mm512_mul_ps(_mm512_set1_ps(xscale[m * groups + gi]), _mm512_cvtepi32_ps(sum));
+          const __m512 t = _mm512_fmadd_ps(shift, _mm512_set1_ps(xsum[m * groups + gi]), total[m][b][i]);
+          total[m][b][i] = _mm512_fmadd_ps(scale, dot, t);
+        }
+      }
   }
-  for (int m = 0; m < MC; ++m)
-    for (int v = 0; v < 4; ++v)
-      for (int h = 0; h < 2; ++h) {
-        // lanes 2-3 hold the same rows as lanes 0-1 (the other four columns of each octet)
-        const __m512i a = acc[m][v][h];
-        const __m256i both = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
-        const int row = kFirstRow[v] + 32 * h;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(sums[m] + row), _mm256_castsi256_si128(both));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(sums[m] + row + 16), _mm256_extracti128_si256(both, 1));
-      }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + m * N + (block0 + b) * 64 + 16 * i, total[m][b][i]);
 }
 
+// All 64-row blocks of the weight for M token rows: B at a time (B * M * 4 accumulators stay
+// within the 32 registers with the weights), then the few left over one at a time.
 template <int M>
-void int4_block(const int8_t* octets, const float* xscale, const float* xsum, const uint8_t* packed, const void* sz,
-                bool sz_bf16, float* out, int64_t K, int64_t N, int64_t block, int64_t group) {
-  const int64_t groups = K / group;
-  const uint8_t* base = packed + block * K * 32;  // [K, 32] bytes of this block
-  __m512 total[M][4];
-  for (int m = 0; m < M; ++m)
-    for (int i = 0; i < 4; ++i) total[m][i] = _mm512_setzero_ps();
-  alignas(64) int32_t sums[M][64];
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    const uint8_t* gbase = base + gi * group * 32;
-    // two token rows per pass keep the 16 accumulators and the unpacked weights in registers;
-    // a second pass reads the group's weights (4 KB at group 128) again from the L1 cache
-    for (int m0 = 0; m0 < M; m0 += 2) {
-      if (M - m0 >= 2) int4_group<2>(octets, gbase, K, gi * group, group, m0, sums + m0);
-      else int4_group<1>(octets, gbase, K, gi * group, group, m0, sums + m0);
-    }
-    for (int i = 0; i < 4; ++i) {
-      __m512 scale, zero;
-      load_scales_zeros(sz, sz_bf16, (gi * N + block * 64 + 16 * i) * 2, scale, zero);
-      const __m512 shift = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);  // zero - 8 * scale
-      for (int m = 0; m < M; ++m) {
-        const __m512 dot = _mm512_mul_ps(_mm512_set1_ps(xscale[m * groups + gi]),
-                                         _mm512_cvtepi32_ps(_mm512_load_si512(sums[m] + 16 * i)));
-        const __m512 t = _mm512_fmadd_ps(shift, _mm512_set1_ps(xsum[m * groups + gi]), total[m][i]);
-        total[m][i] = _mm512_fmadd_ps(scale, dot, t);
-      }
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + m * N + block * 64 + 16 * i, total[m][i]);
+void int4_all_blocks(const int8_t* codes, const float* xscale, const float* xsum, const uint8_t* packed,
+                     const void* sz, bool sz_bf16, float* out, int64_t K, int64_t N, int64_t group) {
+  constexpr int B = M == 1 ? 4 : M == 2 ? 2 : 1;
+  const RowGather gather;
+  const int64_t blocks = N / 64, runs = blocks / B;
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      int4_blocks<M, B>(codes, xscale, xsum, packed, sz, sz_bf16, out, K, N, r * B, group, gather);
+  });
+  for (int64_t b = runs * B; b < blocks; ++b)
+    int4_blocks<M, 1>(codes, xscale, xsum, packed, sz, sz_bf16, out, K, N, b, group, gather);
 }
 
 }  // namespace
@@ -289,22 +295,18 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const auto xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0), groups = K / group;
   auto codes_t = torch::empty({M, K}, xf.options().dtype(at::kChar));
-  auto octets_t = torch::empty({M, K * 8}, xf.options().dtype(at::kChar));
   auto stats = torch::empty({2, M, groups}, xf.options());
   float* xscale = stats.data_ptr<float>();
   float* xsum = xscale + M * groups;
+  const int8_t* codes = codes_t.data_ptr<int8_t>();
   quantize_groups_int8(xf.data_ptr<float>(), M, K, group, codes_t.data_ptr<int8_t>(), xscale, xsum);
-  const int8_t* octets = octets_t.data_ptr<int8_t>();
-  octet_layout(codes_t.data_ptr<int8_t>(), M, K, octets_t.data_ptr<int8_t>());
   auto out = torch::empty({M, N}, xf.options());
   float* op = out.data_ptr<float>();
   const auto* wp = packed.data_ptr<uint8_t>();
   const void* szp = scales_zeros.data_ptr();
   by_rows((int)M, [&](auto m_rows) {
     constexpr int Mr = decltype(m_rows)::value;
-    at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) int4_block<Mr>(octets, xscale, xsum, wp, szp, sz_bf16, op, K, N, b, group);
-    });
+    int4_all_blocks<Mr>(codes, xscale, xsum, wp, szp, sz_bf16, op, K, N, group);
   });
   return out.to(x.scalar_type());
 }
@@ -313,5 +315,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &glm4v_kernels::stream_read, "read every byte of a tensor once (the bench's memory probe)");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
   m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX512-VNNI)");
-  m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX512-VNNI)");
+  m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX512-VNNI, VBMI)");
 }
