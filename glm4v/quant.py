@@ -273,6 +273,15 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}{group}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A decode step (1-4 tokens on a CPU) goes straight to glm4v's GEMV: the checks below cost
+        # ~35 us a call, as much as the kernel itself on a small layer
+        if x.device.type == "cpu" and 0 < x.numel() <= KERNEL_ROWS_PER_CALL * self.in_features:
+            gemv = self._decode_gemv(x.dtype)
+            if gemv is not None:
+                out = gemv(x.reshape(-1, self.in_features), self.weight, *self._gemv_scale_args)
+                if self.bias is not None:
+                    out = out + self.bias.to(out.dtype)
+                return out.view(*x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= KERNEL_MAX_TOKENS[self.format] and self._kernel_available(x2):
@@ -309,6 +318,21 @@ class QuantizedLinear(nn.Module):
             return None
         module = cpu_kernels()
         return getattr(module, "int8_gemv" if self.bits == 8 else "int4_gemv", None)
+
+    def _decode_gemv(self, dtype: torch.dtype):
+        """glm4v's GEMV for activations of ``dtype``, or None: resolved once per dtype and weight
+        storage (a moved or replaced weight resolves again)."""
+        scales = self._scales
+        key = (dtype, self.weight.data_ptr(), scales.data_ptr(), scales.dtype)
+        cache = self.__dict__.setdefault("_decode_gemvs", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = self._own_kernel(torch.empty(0, dtype=dtype)) if self.weight.device.type == "cpu" else None
+        return cache[key]
+
+    @property
+    def _gemv_scale_args(self) -> tuple:
+        return (self.weight_scale,) if self.bits == 8 else (self.weight_scales_zeros, self.group_size)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

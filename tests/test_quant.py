@@ -124,14 +124,17 @@ def test_kernel_is_picked_by_tokens_per_step(monkeypatch, kernel_ok, own_kernel)
     layer = QuantizedLinear.from_weight(torch.randn(128, 128), None, "int4", 64, torch.bfloat16)
     calls = []
     monkeypatch.setattr(QuantizedLinear, "_kernel", lambda self, x: calls.append(("kernel", x.shape[0])) or x @ quant.dequantize(self).t())
+    # decode-sized steps reach glm4v's GEMV through the fast path
+    monkeypatch.setattr(QuantizedLinear, "_decode_gemv", lambda self, dtype: (
+        lambda x, *_: calls.append(("kernel", x.shape[0])) or x @ quant.dequantize(self).t()) if own_kernel else None)
     real_expand = QuantizedLinear._expand_and_matmul
     monkeypatch.setattr(QuantizedLinear, "_expand_and_matmul",
                         lambda self, x: calls.append(("expand", x.shape[0])) or real_expand(self, x))
     limit = quant.KERNEL_MAX_TOKENS["int4"]
-    for m in (1, limit, limit + 1, 500):
+    for m in (1, quant.KERNEL_ROWS_PER_CALL, limit, limit + 1, 500):
         layer(torch.randn(m, 128, dtype=torch.bfloat16))
     small = "kernel" if kernel_ok or own_kernel else "expand"
-    assert calls == [(small, 1), (small, limit), ("expand", limit + 1), ("expand", 500)]
+    assert calls == [(small, 1), (small, quant.KERNEL_ROWS_PER_CALL), (small, limit), ("expand", limit + 1), ("expand", 500)]
 
 
 def test_expansion_in_slices_equals_one_piece(monkeypatch):
@@ -342,3 +345,14 @@ def test_quantised_greedy_output_stays_close():
     int4_err, int4_agree = distance(glm4v.load(TINY_DIR, dtype="float32", quantize="int4", group_size=32))
     assert int8_err < 2.5 * bf16_err and int8_agree >= bf16_agree - 0.05, (int8_err, bf16_err, int8_agree, bf16_agree)
     assert int4_err < 0.35 and int4_agree >= 0.5, (int4_err, int4_agree)
+
+
+def test_the_decode_call_follows_the_weight(monkeypatch):
+    """The fast path resolves its kernel once per dtype and weight storage: replacing the weight
+    (a reload, ``.to()``) must not leave it multiplying with the old one."""
+    layer = QuantizedLinear.from_weight(torch.randn(64, 128), None, "int8", 32, torch.float32)
+    x = torch.randn(1, 128)
+    first = layer(x)
+    other = QuantizedLinear.from_weight(torch.randn(64, 128), None, "int8", 32, torch.float32)
+    layer.weight, layer.weight_scale = other.weight, other.weight_scale
+    assert torch.allclose(layer(x), other(x)) and not torch.allclose(layer(x), first)
