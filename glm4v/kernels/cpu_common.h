@@ -1,6 +1,6 @@
 // Scalar helpers shared by both builds of the decode kernels (cpu_gemv.cpp, cpu_gemv_avx2.cpp):
-// argument checks, and the rounding of the activations to integers that the int8 and int4 loops
-// multiply with. Nothing here depends on the instruction set.
+// argument checks, the rounding of the activations to integers that the int8 and int4 loops
+// multiply with, and where the weight streams prefetch. Nothing here depends on the instruction set.
 #pragma once
 
 #include <torch/extension.h>
@@ -102,6 +102,17 @@ inline void check_int4(const torch::Tensor& x, const torch::Tensor& packed, cons
   sz_bf16 = scales_are_bf16(scales_zeros, "int4_gemv");
   TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.size(0) == K / group && scales_zeros.size(1) == N &&
                   scales_zeros.size(2) == 2, "int4_gemv: scales_zeros must be [K/group, N, 2]");
+}
+
+// The software prefetch address `ahead` elements into a weight row read `rows` rows at a time.
+// Near the row's end it is the start of the same row of the next group (rows + r): the stream
+// goes on there, and a row of 4-8 KB is one or two pages, too short for the hardware prefetcher
+// to start on its own (without this, int8 read 4096-wide rows at ~70 % of the speed it reaches).
+// (Integer arithmetic: the address may lie past the tensor, which a prefetch may touch.)
+template <typename T>
+inline const char* ahead_in_stream(const T* row, int64_t ahead, int64_t K, int rows) {
+  const int64_t at = ahead < K ? ahead : static_cast<int64_t>(rows) * K + (ahead - K);
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) + at * static_cast<int64_t>(sizeof(T)));
 }
 
 // Calls f with the row count as a compile-time constant (1-4), so each count gets its own loop.

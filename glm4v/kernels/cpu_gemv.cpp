@@ -24,16 +24,6 @@ using namespace glm4v_kernels;
 
 constexpr int kRows = 4;            // weight rows streamed together
 
-// The software prefetch address `ahead` elements into a weight row read `rows` rows at a time.
-// Near the row's end it is the start of the same row of the next group (rows + r): the stream
-// goes on there, and a row of 4-8 KB is one or two pages, too short for the hardware prefetcher
-// to start on its own (without this, int8 read 4096-wide rows at ~70 % of the speed it reaches).
-// (Integer arithmetic: the address may lie past the tensor, which a prefetch may touch.)
-template <typename T>
-inline const char* ahead_in_stream(const T* row, int64_t ahead, int64_t K, int rows) {
-  const int64_t at = ahead < K ? ahead : static_cast<int64_t>(rows) * K + (ahead - K);
-  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) + at * static_cast<int64_t>(sizeof(T)));
-}
 constexpr int64_t kPrefetch = 512;  // elements ahead (1 KB per row) for the software prefetch
 
 template <int M>

@@ -49,7 +49,7 @@ void bf16_rows(const float* xs, const float* xf, const uint16_t* w, float* out, 
   for (int64_t k = 0; k < K16; k += 16) {
     __m256 even[R], odd[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(row[r] + k) + 1024, _MM_HINT_T0);
+      _mm_prefetch(ahead_in_stream(row[r], k + 512, K, R), _MM_HINT_T0);  // 1 KB ahead
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k));
       even[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
       odd[r] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
@@ -95,7 +95,7 @@ void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const vo
     for (int64_t k = k0; k < k1; k += 16) {
       __m256i wv[R];
       for (int r = 0; r < R; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row[r] + k) + 1024, _MM_HINT_T0);
+        if ((k & 63) == 0) _mm_prefetch(ahead_in_stream(row[r], k + 1024, K, R), _MM_HINT_T0);
         wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + k)));
       }
       for (int m = 0; m < M; ++m) {
