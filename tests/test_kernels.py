@@ -189,6 +189,51 @@ def test_bf16_decode_step_with_kernels_matches_torch_kernels(monkeypatch):
     assert (with_kernels - without).abs().max().item() < 0.02 * scale
 
 
+def _reference_rms_norm(x, weight, eps):
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (weight * (x * torch.rsqrt(variance + eps))).to(x.dtype)
+
+
+@every_build
+@pytest.mark.parametrize("shape", [(1, 4096), (4, 200), (2, 1, 64)])
+def test_rms_norm_of_every_build_matches_the_model_norm(kernel_set, shape):
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=gen) * 3).to(torch.bfloat16)
+    x.view(-1)[5] = 80.0  # one outlier dominates the mean square
+    weight = (torch.randn(shape[-1], generator=gen) * 0.2 + 1).to(torch.bfloat16)
+    got = kernels_of(kernel_set).rms_norm(x, weight, 1.5625e-07)
+    want = _reference_rms_norm(x, weight, 1.5625e-07)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    # the same fp32 steps; only the summation order of the mean square differs, so at most a
+    # rare element lands on the neighbouring bf16 value
+    assert (got != want).float().mean().item() <= 0.01
+    assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0)
+
+
+@needs_kernels
+def test_model_norm_uses_the_kernel_for_decode_rows_only(monkeypatch):
+    import glm4v.model.language as language
+    from glm4v.kernels import decode_rms_norm
+
+    calls = []
+    monkeypatch.setattr(language, "decode_rms_norm", lambda *a: calls.append(a[0].shape) or decode_rms_norm(*a))
+    norm = language.RMSNorm(64, 1e-5).to(torch.bfloat16)
+    norm.weight.requires_grad_(False)
+    with torch.inference_mode():
+        decode = norm(torch.randn(1, 1, 64).to(torch.bfloat16))
+        prefill = norm(torch.randn(1, 9, 64).to(torch.bfloat16))
+    assert len(calls) == 2  # both ask; only the decode step's rows are taken
+    assert decode_rms_norm(torch.randn(1, 9, 64).to(torch.bfloat16), norm.weight, 1e-5) is None
+    assert decode_rms_norm(torch.randn(1, 1, 64), norm.weight.float(), 1e-5) is None  # fp32 stays on torch
+    trainable = torch.nn.Parameter(norm.weight.detach().clone())
+    with torch.enable_grad():
+        assert decode_rms_norm(torch.randn(1, 1, 64).to(torch.bfloat16), trainable, 1e-5) is None
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.allclose(norm(x).float(), _reference_rms_norm(x, norm.weight, 1e-5).float(), rtol=2 ** -7, atol=0)
+    assert decode.shape == (1, 1, 64) and prefill.shape == (1, 9, 64)
+
+
 def test_disabled_by_environment():
     out = subprocess.run([sys.executable, "-m", "glm4v.kernels"], env={**os.environ, "GLM4V_NO_KERNELS": "1"},
                          capture_output=True, text=True, timeout=120)

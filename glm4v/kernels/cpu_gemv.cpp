@@ -315,6 +315,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &glm4v_kernels::stream_read, "read every byte of a tensor once (the bench's memory probe)");
+  m.def("rms_norm", &glm4v_kernels::rms_norm, "RMSNorm of bf16 rows with a bf16 weight (decode steps)");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
   m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX512-VNNI)");
   m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX512-VNNI, VBMI)");

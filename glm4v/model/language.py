@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
-from glm4v.kernels import linear, upcast_attention
+from glm4v.kernels import decode_rms_norm, linear, upcast_attention
 
 
 class RMSNorm(nn.Module):
@@ -24,6 +24,9 @@ class RMSNorm(nn.Module):
         # The variance is taken in fp32 even for bf16 activations (as the official code), and the
         # product with the weight happens in fp32 before the cast back: that is what the
         # reference does, and bf16 rounding at either point changes the logits visibly.
+        fused = decode_rms_norm(x, self.weight, self.eps)  # the same steps in one call, for decode
+        if fused is not None:
+            return fused
         variance = x.float().pow(2).mean(-1, keepdim=True)
         return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
