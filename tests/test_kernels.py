@@ -234,6 +234,44 @@ def test_model_norm_uses_the_kernel_for_decode_rows_only(monkeypatch):
     assert decode.shape == (1, 1, 64) and prefill.shape == (1, 9, 64)
 
 
+@every_build
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (2, 3)])
+def test_rope_of_every_build_is_bitwise_the_model_rope(kernel_set, batch, tokens, monkeypatch):
+    import glm4v.model.language as language
+
+    gen = torch.Generator().manual_seed(tokens)
+    heads, head_dim, half = 34, 128, 32
+    qkv = (torch.randn(batch, tokens, heads, head_dim, generator=gen) * 4).to(torch.bfloat16)
+    x = qkv.transpose(1, 2)  # the strided view the attention layer passes
+    angles = torch.rand(batch, tokens, half, generator=gen) * 50
+    rope = torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
+    got = kernels_of(kernel_set).rope(x, rope)
+    monkeypatch.setattr(language, "decode_rope", lambda *a: None)
+    want = language.apply_rope(x, rope)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,features", [(1, 13696), (4, 40), (2, 7)])
+def test_swiglu_matches_the_model_activation(rows, features):
+    from glm4v.kernels import decode_swiglu
+
+    if not hasattr(cpu_kernels(), "swiglu"):
+        pytest.skip("the fused SwiGLU is in the AVX-512 build only")
+    gen = torch.Generator().manual_seed(features)
+    h = (torch.randn(1, rows, 2 * features, generator=gen) * 4).to(torch.bfloat16)
+    h.view(-1)[:4] = torch.tensor([100.0, -100.0, 0.0, -20.0])  # exp over- and underflow, silu(0) = 0
+    got = decode_swiglu(h)
+    gate, up = h.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    # torch's e^x and ours differ by an ulp or two of fp32, so a rare element rounds the other way
+    assert (got != want).float().mean().item() <= 0.01
+    assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-30)
+    assert decode_swiglu(torch.randn(1, 5, 8).to(torch.bfloat16)) is None  # more rows than a decode step
+
+
 def test_disabled_by_environment():
     out = subprocess.run([sys.executable, "-m", "glm4v.kernels"], env={**os.environ, "GLM4V_NO_KERNELS": "1"},
                          capture_output=True, text=True, timeout=120)

@@ -220,6 +220,34 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return module.rms_norm(x, weight, eps)
 
 
+def decode_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor | None:
+    """``glm4v.model.language.apply_rope`` for a decode step's heads (bf16, at most ``MAX_ROWS``
+    tokens) in one kernel call, bit for bit the same; or None."""
+    if (x.dtype != torch.bfloat16 or rope.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or rope.device.type != "cpu" or x.dim() != 4 or rope.dim() != 4 or not _outside_autograd(x, rope)):
+        return None
+    if x.shape[2] > MAX_ROWS or x.numel() == 0:
+        return None
+    module = cpu_kernels()
+    if module is None or not hasattr(module, "rope"):
+        return None
+    return module.rope(x, rope)
+
+
+def decode_swiglu(h: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate) * up`` of a decode step's ``[gate | up]`` rows (bf16, at most ``MAX_ROWS``) in one
+    kernel call (AVX-512 build), with the same two bf16 roundings as torch's ops; or None."""
+    if (h.dtype != torch.bfloat16 or h.device.type != "cpu" or h.dim() == 0 or h.shape[-1] % 2
+            or not _outside_autograd(h)):
+        return None
+    if h.numel() > MAX_ROWS * h.shape[-1] or h.numel() == 0:
+        return None
+    module = cpu_kernels()
+    if module is None or not hasattr(module, "swiglu"):
+        return None
+    return module.swiglu(h)
+
+
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T (+ bias) with the decode kernel, or None when the kernel does not apply."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"

@@ -163,6 +163,42 @@ inline torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps)
   return out;
 }
 
+// RoPE of a decode step's query and key heads, as glm4v.model.language.apply_rope computes it in
+// bf16: x [B, heads, L, D] (any strides; the model passes a transposed view), rope [B, L, R/2, 2]
+// (cos, sin) -> [B, heads, L, D] contiguous. Every product, difference and sum is rounded to bf16
+// as torch's bf16 ops round each result, so the output is bit for bit the same; the first R
+// numbers of each head rotate in pairs (GPT-J layout), the rest pass through. ~15 torch ops
+// become one call.
+inline torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor rope) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && rope.scalar_type() == at::kBFloat16, "rope: bf16 tensors only");
+  TORCH_CHECK(x.device().is_cpu() && rope.device().is_cpu(), "rope: CPU tensors only");
+  TORCH_CHECK(x.dim() == 4 && rope.dim() == 4 && rope.size(3) == 2, "rope: x [B, heads, L, D], rope [B, L, R/2, 2]");
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), half = rope.size(2);
+  TORCH_CHECK(rope.size(0) == B && rope.size(1) == L && 2 * half <= D, "rope: shapes do not match");
+  const auto rc = rope.contiguous();
+  auto out = torch::empty({B, H, L, D}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* rp = reinterpret_cast<const uint16_t*>(rc.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
+  auto round = [](float f) { return bf16_to_float(float_to_bf16(f)); };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t l = 0; l < L; ++l) {
+        const uint16_t* src = xp + b * s0 + h * s1 + l * s2;
+        const uint16_t* table = rp + (b * L + l) * half * 2;
+        uint16_t* dst = op + ((b * H + h) * L + l) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float even = bf16_to_float(src[2 * i * s3]), odd = bf16_to_float(src[(2 * i + 1) * s3]);
+          const float cos = bf16_to_float(table[2 * i]), sin = bf16_to_float(table[2 * i + 1]);
+          dst[2 * i] = float_to_bf16(round(even * cos) - round(odd * sin));
+          dst[2 * i + 1] = float_to_bf16(round(odd * cos) + round(even * sin));
+        }
+        for (int64_t d = 2 * half; d < D; ++d) dst[d] = src[d * s3];
+      }
+  return out;
+}
+
 // The memory probe of `glm4v bench`: reads every byte of ``buf`` once, the way the decode loops
 // read weights (several streams per thread, software prefetch), and returns a checksum so the
 // reads cannot be dropped. torch's own streaming reads (sum, mv) start one stream per thread and

@@ -229,6 +229,37 @@ void int4_all_blocks(const int8_t* codes, const float* xscale, const float* xsum
     int4_blocks<M, 1>(codes, xscale, xsum, packed, sz, sz_bf16, out, K, N, b, group, gather);
 }
 
+// ---- SwiGLU ---------------------------------------------------------------------------------
+// silu(gate) * up for a decode step's rows with the model's two bf16 roundings (silu's result,
+// then the product), as F.silu and the bf16 multiply round them. e^x here is within ~2 ulp of
+// torch's (fp32), so a rare element of the product lands on the neighbouring bf16 value.
+
+// e^x over the whole fp32 range: 2^n * e^r with |r| <= ln2 / 2, degree-7 Taylor; VSCALEFPS gives
+// inf and 0 where 2^n leaves the range, as expf does.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load_bf16x16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+inline __m512 round_to_bf16(__m512 v) {  // fp32 -> nearest bf16 (ties to even) -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
 }  // namespace
 
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
@@ -313,9 +344,33 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   return out.to(x.scalar_type());
 }
 
+// h [..., 2F] bf16 = [gate | up] -> silu(gate) * up [..., F] bf16 (decode steps).
+torch::Tensor swiglu(torch::Tensor h) {
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.device().is_cpu(), "swiglu: a bf16 CPU tensor");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) % 2 == 0, "swiglu: the last dimension holds [gate | up]");
+  const auto hc = h.contiguous();
+  const int64_t F = hc.size(-1) / 2, rows = F ? hc.numel() / (2 * F) : 0;
+  auto sizes = hc.sizes().vec();
+  sizes.back() = F;
+  auto out = torch::empty(sizes, hc.options());
+  const auto* hp = reinterpret_cast<const uint16_t*>(hc.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t f = 0; f < F; f += 16) {
+      const __mmask16 mask = F - f >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (F - f)) - 1);
+      const __m512 gate = load_bf16x16(hp + r * 2 * F + f, mask), up = load_bf16x16(hp + r * 2 * F + F + f, mask);
+      const __m512 silu = round_to_bf16(_mm512_div_ps(gate, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)))));
+      _mm256_mask_storeu_epi16(op + r * F + f, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
+    }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &glm4v_kernels::stream_read, "read every byte of a tensor once (the bench's memory probe)");
   m.def("rms_norm", &glm4v_kernels::rms_norm, "RMSNorm of bf16 rows with a bf16 weight (decode steps)");
+  m.def("swiglu", &swiglu, "silu(gate) * up of bf16 rows [gate | up], rounded as torch's ops round (decode steps)");
+  m.def("rope", &glm4v_kernels::rope_bf16, "RoPE of a decode step's heads in bf16, rounded as torch's ops round");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
   m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX512-VNNI)");
   m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX512-VNNI, VBMI)");

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
-from glm4v.kernels import decode_rms_norm, linear, upcast_attention
+from glm4v.kernels import decode_rms_norm, decode_rope, decode_swiglu, linear, upcast_attention
 
 
 class RMSNorm(nn.Module):
@@ -44,6 +44,9 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
     x: [B, heads, L, head_dim]; rope: [B, L, rope_dim/2, 2] in x's dtype.
     """
+    fused = decode_rope(x, rope)  # the same roundings in one call, for decode
+    if fused is not None:
+        return fused
     rot_dim = rope.shape[-2] * 2
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     pairs = x_rot.unflatten(-1, (-1, 2))
@@ -236,7 +239,11 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        gate_up = self.dense_h_to_4h(x)
+        fused = decode_swiglu(gate_up)  # the same roundings in one call, for decode
+        if fused is not None:
+            return self.dense_4h_to_h(fused)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
