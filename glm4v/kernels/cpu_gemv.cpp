@@ -2,9 +2,9 @@
 //
 // A decode step multiplies 1-4 token rows by every weight of the model, so its speed is the speed
 // at which the weights stream from memory. torch's bf16 F.linear at M = 1 reaches only 5-25 GB/s
-// here (worst on the 4096 x 13696 down projection); the bf16 loop streams four weight rows at a
-// time, multiplies them with VDPBF16PS (32 bf16 products per instruction, fp32 accumulation) and
-// reaches the memory bandwidth. torch's int8 and int4 kernels stop at ~75 % and ~55 % of it; the
+// here (worst on the 4096 x 13696 down projection); the bf16 loop streams eight weight rows at a
+// time (four for 3-4 token rows), multiplies them with VDPBF16PS (32 bf16 products per
+// instruction, fp32 accumulation) and reaches the memory bandwidth. torch's int8 and int4 kernels stop at ~75 % and ~55 % of it; the
 // int8 and int4 loops here take their products in integers with VNNI (see each loop). Each thread
 // takes a contiguous range of output rows (at::parallel_for: torch's own thread pool).
 //
@@ -22,36 +22,34 @@ namespace {
 
 using namespace glm4v_kernels;
 
-constexpr int kRows = 4;            // weight rows streamed together
-
 constexpr int64_t kPrefetch = 512;  // elements ahead (1 KB per row) for the software prefetch
 
-template <int M>
+template <int M, int R>
 void gemv_rows(const uint16_t* x, const uint16_t* w, float* out, int64_t K, int64_t N, int64_t n0, int rows) {
-  __m512 acc[M][kRows];
+  __m512 acc[M][R];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < kRows; ++r) acc[m][r] = _mm512_setzero_ps();
-  const uint16_t* row[kRows];
-  for (int r = 0; r < kRows; ++r) row[r] = w + (n0 + (r < rows ? r : 0)) * K;  // short tail: repeat row 0
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const uint16_t* row[R];
+  for (int r = 0; r < R; ++r) row[r] = w + (n0 + (r < rows ? r : 0)) * K;  // short tail: repeat row 0
   const int64_t K32 = K / 32 * 32;
   for (int64_t k = 0; k < K32; k += 32) {
-    __m512bh wv[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      _mm_prefetch(ahead_in_stream(row[r], k + kPrefetch, K, kRows), _MM_HINT_T0);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(ahead_in_stream(row[r], k + kPrefetch, K, R), _MM_HINT_T0);
       wv[r] = (__m512bh)_mm512_loadu_si512(row[r] + k);
     }
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-      for (int r = 0; r < kRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
     }
   }
   if (K32 < K) {
     const __mmask32 mask = (__mmask32)((1ull << (K - K32)) - 1);
-    __m512bh wv[kRows];
-    for (int r = 0; r < kRows; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, row[r] + K32);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, row[r] + K32);
     for (int m = 0; m < M; ++m) {
       __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + K32);
-      for (int r = 0; r < kRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
     }
   }
   for (int m = 0; m < M; ++m)
@@ -275,18 +273,16 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* op = out.data_ptr<float>();
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kRows;
-      const int rows = (int)std::min<int64_t>(kRows, N - n0);
-      switch (M) {
-        case 1: gemv_rows<1>(xp, wp, op, K, N, n0, rows); break;
-        case 2: gemv_rows<2>(xp, wp, op, K, N, n0, rows); break;
-        case 3: gemv_rows<3>(xp, wp, op, K, N, n0, rows); break;
-        default: gemv_rows<4>(xp, wp, op, K, N, n0, rows); break;
+  by_rows((int)M, [&](auto m_rows) {
+    constexpr int Mr = decltype(m_rows)::value;
+    constexpr int R = Mr <= 2 ? 8 : 4;  // weight rows streamed together; accumulators M x R within the registers
+    const int64_t blocks = (N + R - 1) / R;
+    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * R;
+        gemv_rows<Mr, R>(xp, wp, op, K, N, n0, (int)std::min<int64_t>(R, N - n0));
       }
-    }
+    });
   });
   return out.to(at::kBFloat16);
 }
