@@ -202,6 +202,22 @@ def _self_check(module) -> None:
         check(module.int4_gemv(x, pack_int4(codes), sz, 64), x @ weight.t(), "int4_gemv")
 
 
+def _decode_op(name: str, tokens: int, *tensors: torch.Tensor):
+    """The kernel module's ``name`` for a decode step (1 to ``MAX_ROWS`` tokens) on bf16 CPU
+    tensors outside autograd, or None where it does not apply or is not built."""
+    if not 0 < tokens <= MAX_ROWS or not _outside_autograd(*tensors):
+        return None
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors):
+        return None
+    module = cpu_kernels()
+    return None if module is None else getattr(module, name, None)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    """Rows of ``x`` along its last dimension (0 for an empty or 0-d tensor)."""
+    return x.numel() // x.shape[-1] if x.dim() > 0 and x.shape[-1] > 0 else 0
+
+
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of a decode step's rows (bf16, at most ``MAX_ROWS``) in one kernel call, or None.
 
@@ -209,43 +225,26 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     weight, one rounding to bf16); only the summation order differs. Worth it because the eight
     torch ops of a norm each cost 10-70 us of dispatch on 4,096 numbers with two threads.
     """
-    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or weight.device.type != "cpu" or x.dim() == 0 or not _outside_autograd(x, weight)):
-        return None
-    if x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return None
-    module = cpu_kernels()
-    if module is None or not hasattr(module, "rms_norm"):
-        return None
-    return module.rms_norm(x, weight, eps)
+    op = _decode_op("rms_norm", _tokens(x), x, weight)
+    return None if op is None else op(x, weight, eps)
 
 
 def decode_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor | None:
     """``glm4v.model.language.apply_rope`` for a decode step's heads (bf16, at most ``MAX_ROWS``
     tokens) in one kernel call, bit for bit the same; or None."""
-    if (x.dtype != torch.bfloat16 or rope.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or rope.device.type != "cpu" or x.dim() != 4 or rope.dim() != 4 or not _outside_autograd(x, rope)):
+    if x.dim() != 4 or rope.dim() != 4 or x.numel() == 0:
         return None
-    if x.shape[2] > MAX_ROWS or x.numel() == 0:
-        return None
-    module = cpu_kernels()
-    if module is None or not hasattr(module, "rope"):
-        return None
-    return module.rope(x, rope)
+    op = _decode_op("rope", x.shape[2], x, rope)
+    return None if op is None else op(x, rope)
 
 
 def decode_swiglu(h: torch.Tensor) -> torch.Tensor | None:
     """``silu(gate) * up`` of a decode step's ``[gate | up]`` rows (bf16, at most ``MAX_ROWS``) in one
     kernel call (AVX-512 build), with the same two bf16 roundings as torch's ops; or None."""
-    if (h.dtype != torch.bfloat16 or h.device.type != "cpu" or h.dim() == 0 or h.shape[-1] % 2
-            or not _outside_autograd(h)):
+    if h.dim() == 0 or h.shape[-1] % 2:
         return None
-    if h.numel() > MAX_ROWS * h.shape[-1] or h.numel() == 0:
-        return None
-    module = cpu_kernels()
-    if module is None or not hasattr(module, "swiglu"):
-        return None
-    return module.swiglu(h)
+    op = _decode_op("swiglu", _tokens(h), h)
+    return None if op is None else op(h)
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:

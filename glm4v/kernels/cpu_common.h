@@ -126,19 +126,20 @@ void by_rows(int M, F&& f) {
   }
 }
 
+// fp32 -> the nearest bf16 (ties to even), as torch rounds; NaN stays a (quiet) NaN
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 // RMSNorm of a few bf16 rows with a bf16 weight, as glm4v.model.language.RMSNorm computes it:
 // the mean square in fp32 (summed here in double, so it is at least as exact as torch's fp32
 // reduction), r = 1 / sqrt(mean + eps) in fp32, then weight * (x * r) in fp32 rounded once to bf16.
 // A decode step's norm is 8 torch ops on 4,096 numbers; with 2 threads each op's dispatch cost
 // 10-70 us, ~0.18 ms per norm, against a few us here.
-inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu)) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN
-  bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 inline torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm: bf16 tensors only");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");

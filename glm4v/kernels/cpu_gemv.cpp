@@ -4,8 +4,9 @@
 // at which the weights stream from memory. torch's bf16 F.linear at M = 1 reaches only 5-25 GB/s
 // here (worst on the 4096 x 13696 down projection); the bf16 loop streams eight weight rows at a
 // time (four for 3-4 token rows), multiplies them with VDPBF16PS (32 bf16 products per
-// instruction, fp32 accumulation) and reaches the memory bandwidth. torch's int8 and int4 kernels stop at ~75 % and ~55 % of it; the
-// int8 and int4 loops here take their products in integers with VNNI (see each loop). Each thread
+// instruction, fp32 accumulation) and reaches the memory bandwidth. torch's int8 and int4
+// kernels stop at ~75 % and ~55 % of it; the int8 and int4 loops here take their products in
+// integers with VNNI (see each loop). Each thread
 // takes a contiguous range of output rows (at::parallel_for: torch's own thread pool).
 //
 // Layouts are the ones glm4v stores (glm4v/quant.py):
@@ -112,7 +113,7 @@ void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const vo
 // Why several blocks at once: one 64-row block is a single sequential stream, and one stream
 // per thread read ~65 % of the memory bandwidth on a Xeon with AMX whatever the prefetch
 // distance; reading four blocks' lines in turn (as the bf16 and int8 loops read several weight
-// rows) reached ~90 % of it, 1.3x faster. Token rows share those registers, so fewer blocks
+// rows) reached ~90 % of it, 1.36-1.44x faster. Token rows share those registers, so fewer blocks
 // go together when a step carries more rows.
 
 constexpr int64_t kInt4Prefetch = 1024;  // bytes ahead in each block's stream
