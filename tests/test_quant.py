@@ -315,8 +315,9 @@ def test_quantised_greedy_output_stays_close():
     """int8 must barely change greedy output, int4 stay within bounds.
 
     On the embedded (trained) model, 100 questions of the synthetic test split, against fp32 greedy
-    output (8 tokens): int8 must change no more answers than plain bf16 rounding does, int4 keep the
-    first token on >= 90%. (The shipped model is still weak, so many of its answers are near ties:
+    output (8 tokens, cut after the answer's end token: what follows it is never shown and is made of
+    near-ties, fp32's top two logits 0.04-0.13 apart where int8 and bf16 took the other one): int8 must
+    change no more answers than plain bf16 rounding does, int4 keep the first token on >= 90%. (The shipped model is still weak, so many of its answers are near ties:
     bf16 alone changes ~5 % of them; issue 7's absolute ">= 98 % identical" is measured in the note.)
     The golden tiny model has random weights whose top logits nearly tie, so there the yardstick is
     bf16 itself: int8 may move the logits at most 2.5x as far from fp32 as plain bf16 does, and its
@@ -324,10 +325,17 @@ def test_quantised_greedy_output_stays_close():
     """
     if _embedded_available():
         conversations = _synthetic_test_conversations(100)
-        want = _greedy(glm4v.load(None, dtype="float32"), conversations, 8)
-        same_bf16 = sum(a == b for a, b in zip(want, _greedy(glm4v.load(None, dtype="bfloat16"), conversations, 8)))
-        got8 = _greedy(glm4v.load(None, dtype="float32", quantize="int8"), conversations, 8)
-        same8 = sum(a == b for a, b in zip(want, got8))
+        fp32 = glm4v.load(None, dtype="float32")
+        ends = set(fp32.config.eos_token_ids)
+
+        def answers(pipe):
+            rows = _greedy(pipe, conversations, 8)
+            return [row[:next((i + 1 for i, t in enumerate(row) if t in ends), len(row))] for row in rows]
+
+        want = answers(fp32)
+        assert sum(any(t in ends for t in row) for row in want) >= 25  # many short answers end within 8 tokens
+        same_bf16 = sum(a == b for a, b in zip(want, answers(glm4v.load(None, dtype="bfloat16"))))
+        same8 = sum(a == b for a, b in zip(want, answers(glm4v.load(None, dtype="float32", quantize="int8"))))
         got4 = _greedy(glm4v.load(None, dtype="float32", quantize="int4"), conversations, 1)
         same4 = sum(a[:1] == b for a, b in zip(want, got4))
         assert same8 >= same_bf16 - 1 and same4 >= 0.9 * len(want), (same8, same_bf16, same4, len(want))
