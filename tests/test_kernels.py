@@ -155,6 +155,8 @@ def test_declines_what_it_does_not_cover():
     trainable = torch.nn.Parameter(w.clone())
     with torch.enable_grad():
         assert bf16_linear(torch.randn(1, 32).to(torch.bfloat16), trainable) is None  # autograd needs F.linear
+        # nor when only the activations carry a gradient (a frozen layer under LoRA)
+        assert bf16_linear(torch.randn(1, 32).to(torch.bfloat16).requires_grad_(), w) is None
 
 
 @needs_kernels

@@ -249,16 +249,11 @@ def decode_swiglu(h: torch.Tensor) -> torch.Tensor | None:
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T (+ bias) with the decode kernel, or None when the kernel does not apply."""
-    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or weight.device.type != "cpu" or not weight.is_contiguous() or torch.is_grad_enabled() and weight.requires_grad):
+    rows = _tokens(x)
+    op = _decode_op("bf16_gemv", rows, x, weight) if weight.is_contiguous() else None
+    if op is None:
         return None
-    rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS or rows == 0:
-        return None
-    module = cpu_kernels()
-    if module is None:
-        return None
-    out = module.bf16_gemv(x.reshape(rows, x.shape[-1]), weight)
+    out = op(x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
