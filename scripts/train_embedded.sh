@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the shipped embedded model from scratch (docs/TRAINING.md, ~3.5 h on 2 cores): the
-# embedded recipe runs the data, stage 1 (vision), stage 2 (conversations) and its four warm
-# restarts 2b, 2c, 2d and 2e, then prints the test table. Safe to re-run after a kill: every stage resumes.
+# Reproduce the shipped embedded model from scratch (docs/TRAINING.md, ~4.5 h on 2 cores): the
+# embedded recipe runs the data, stage 1 (vision), stage 2 (conversations) and its six warm
+# restarts 2b to 2g, then prints the test table. Safe to re-run after a kill: every stage resumes.
 # Usage: scripts/train_embedded.sh [OUT]  (default runs/embedded)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +10,4 @@ glm4v=.venv/bin/glm4v
 [ -x "$glm4v" ] || glm4v=glm4v
 
 "$glm4v" train --recipe embedded --out "$out" --resume
-echo "the model: $out/restart4/model (copy it into glm4v/assets/embedded/ to ship it)"
+echo "the model: $out/restart6/model (copy it into glm4v/assets/embedded/ to ship it)"

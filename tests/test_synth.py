@@ -80,8 +80,10 @@ def test_an_image_already_in_an_earlier_split_is_drawn_again():
     ("perception", "The circle is blue.", "The circle is red.", False),
     ("counting", "4", "4", True),
     ("counting", "14", "4", False),
-    ("choice", "The circle is red, so the answer is b", "The circle is red, so the answer is B.", True),
-    ("choice", "The circle is blue, so the answer is B.", "The circle is red, so the answer is B.", False),
+    ("choice", "The circle is red.\na. blue: no\nb. red: yes, so the answer is b",
+     "The circle is red.\nA. blue: no\nB. red: yes, so the answer is B.", True),
+    ("choice", "The circle is red.\nA. blue: yes, so the answer is A.",
+     "The circle is red.\nA. blue: no\nB. red: yes, so the answer is B.", False),
     ("yesno", "圆形是红色的，所以有。", "圆形是红色的，所以有。", True),
     ("yesno", "圆形是红色的，所以没有。", "圆形是红色的，所以有。", False),
     ("description", "The image shows a blue square and a red circle.",
@@ -132,8 +134,34 @@ def test_example_pictures_in_the_repository_are_the_generators():
 
 
 def _letter(answer: str) -> str:
-    """'The circle is red, so the answer is B.' / '...，所以答案是B。' -> 'B'."""
+    """'...\nB. red: yes, so the answer is B.' / '...，所以答案是B。' -> 'B'."""
     return answer.rstrip(".。")[-1]
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_multiple_choice_answers_go_through_the_options_up_to_the_right_one(lang):
+    import random
+
+    rng = random.Random(11)
+    seen = set()
+    for _ in range(40):
+        question, answer = synth.choice_question(rng, "Q", "red", ["red", "blue", "green", "pink", "grey"], lang,
+                                                 "The circle is red." if lang == "en" else "圆形是红色的。")
+        options = [line.split(". ", 1)[1] for line in question.split("\n")[1:5]]
+        right = options.index("red")
+        seen.add(right)
+        lines = answer.split("\n")
+        assert lines[0] == ("The circle is red." if lang == "en" else "圆形是红色的。")
+        assert len(lines) == right + 2  # the statement, then one line per option up to the right one
+        no, yes = ("no", "yes") if lang == "en" else ("不是", "是")
+        sep = ": " if lang == "en" else "："
+        for k, line in enumerate(lines[1:-1]):
+            assert line == f"{'ABCD'[k]}. {options[k]}{sep}{no}"
+        letter = "ABCD"[right]
+        assert lines[-1] == (f"{letter}. red: yes, so the answer is {letter}." if lang == "en"
+                             else f"{letter}. red：是，所以答案是{letter}。")
+        assert _letter(answer) == letter
+    assert seen == {0, 1, 2, 3}
 
 
 def test_extra_questions_ask_for_comparisons_with_the_right_answers():
@@ -150,17 +178,18 @@ def test_extra_questions_ask_for_comparisons_with_the_right_answers():
         options = dict(line.split(". ", 1) for line in q.split("\n")[1:5])
         subject = q.split("\n")[0]
         picked = options[_letter(a)]
-        assert a.endswith(f", so the answer is {_letter(a)}.") and picked in a  # the look-up, then the letter
+        assert a.endswith(f"{_letter(a)}. {picked}: yes, so the answer is {_letter(a)}.")
+        assert picked in a.split("\n")[0]  # the look-up first
         assert any(picked in name and (name.split()[0] in subject or name.split()[1] in subject) for name in present)
     for q, a in is_colour:
         shape, colour = q[len("Is the "):-1].split(" ")
         actual = next(name.split()[0] for name in present if name.endswith(shape))
         assert a == f"The {shape} is {actual}, so {'yes' if actual == colour else 'no'}."
     text_pool = synth.extra_questions(rng, ("text", "CAKE", []), "zh")
-    assert len(text_pool) == 1 and "CAKE" in text_pool[0][0] and text_pool[0][1].startswith("写的是CAKE，所以答案是")
+    assert len(text_pool) == 1 and "CAKE" in text_pool[0][0] and text_pool[0][1].startswith("写的是CAKE。\n")
     count_pool = synth.extra_questions(rng, ("count", objs[:2]), "en")
     q, a = count_pool[0]
-    assert a.startswith("I count 2, so") and dict(line.split(". ", 1) for line in q.split("\n")[1:5])[_letter(a)] == "2"
+    assert a.startswith("I count 2.\n") and dict(line.split(". ", 1) for line in q.split("\n")[1:5])[_letter(a)] == "2"
 
 
 def test_spatial_answers_name_both_cells_and_the_relation_the_picture_was_drawn_with():

@@ -396,13 +396,25 @@ def describe(objs: list[Obj], lang: str) -> str:
 
 
 def choice_question(rng, question: str, correct: str, pool: list[str], lang: str, statement: str) -> tuple[str, str]:
-    """MMBench-style: the question, options A-D (one correct); the answer says what it saw
-    (``statement``) and then the letter: 'The circle is red, so the answer is B.'."""
+    """MMBench-style: the question, options A-D (one correct). The answer says what it saw
+    (``statement``), then goes through the options in order, each with a verdict, up to the right one:
+    'The circle is red.\nA. blue: no\nB. red: yes, so the answer is B.'
+
+    Answered as 'The circle is red, so the answer is B.', the letter had to be found in one step (find
+    the option with that word, read the letter written before it) and stayed near chance (36 %) through
+    five training stages. Gone through line by line, each verdict is a yes/no comparison of two words
+    (which the model makes at 96 %), each line is copied from the question, and the letter to give is
+    the one on the line just written.
+    """
     options = rng.sample([p for p in pool if p != correct], 3) + [correct]
     rng.shuffle(options)
     lines = [question] + [f"{'ABCD'[k]}. {opt}" for k, opt in enumerate(options)] + [CHOICE_SUFFIX[lang]]
-    letter = "ABCD"[options.index(correct)]
-    return "\n".join(lines), so(statement, f"the answer is {letter}" if lang == "en" else f"答案是{letter}", lang)
+    right = options.index(correct)
+    letter = "ABCD"[right]
+    sep, no, yes = (": ", "no", "yes") if lang == "en" else ("：", NO["zh"], YES["zh"])
+    checked = [f"{'ABCD'[k]}. {opt}{sep}{no}" for k, opt in enumerate(options[:right])]
+    last = f"{letter}. {correct}{sep}" + (f"{yes}, so the answer is {letter}." if lang == "en" else f"{yes}，所以答案是{letter}。")
+    return "\n".join(lines), "\n".join([statement] + checked + [last])
 
 
 def answer_count(n: int, lang: str) -> str:
