@@ -10,4 +10,8 @@ glm4v=.venv/bin/glm4v
 [ -x "$glm4v" ] || glm4v=glm4v
 
 "$glm4v" train --recipe embedded --out "$out" --resume
-echo "the model: $out/restart6/model (copy it into glm4v/assets/embedded/ to ship it)"
+# the recipe's last stage wrote its model folder into the run summary; the stage count lives in the recipe only
+python=.venv/bin/python
+[ -x "$python" ] || python=python3
+model=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["final"])' "$out/summary.json")
+echo "the model: $model (copy it into glm4v/assets/embedded/ to ship it)"

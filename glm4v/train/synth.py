@@ -411,9 +411,9 @@ def choice_question(rng, question: str, correct: str, pool: list[str], lang: str
     lines = [question] + [f"{'ABCD'[k]}. {opt}" for k, opt in enumerate(options)] + [CHOICE_SUFFIX[lang]]
     right = options.index(correct)
     letter = "ABCD"[right]
-    sep, no, yes = (": ", "no", "yes") if lang == "en" else ("：", NO["zh"], YES["zh"])
-    checked = [f"{'ABCD'[k]}. {opt}{sep}{no}" for k, opt in enumerate(options[:right])]
-    last = f"{letter}. {correct}{sep}" + (f"{yes}, so the answer is {letter}." if lang == "en" else f"{yes}，所以答案是{letter}。")
+    sep = ": " if lang == "en" else "："
+    checked = [f"{'ABCD'[k]}. {opt}{sep}{NO[lang]}" for k, opt in enumerate(options[:right])]
+    last = so(f"{letter}. {correct}{sep}{YES[lang]}", f"the answer is {letter}" if lang == "en" else f"答案是{letter}", lang)
     return "\n".join(lines), "\n".join([statement] + checked + [last])
 
 
