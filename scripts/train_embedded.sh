@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the shipped embedded model from scratch (docs/TRAINING.md, ~6 h on 2 cores): the
-# embedded recipe runs the data, stage 1 (vision), stage 2 (conversations) and its eight warm
-# restarts 2b to 2i, then prints the test table. Safe to re-run after a kill: every stage resumes.
+# Reproduce the shipped embedded model from scratch (docs/TRAINING.md, ~7 h on 2 cores): the
+# embedded recipe runs the data, stage 1 (vision), stage 2 (conversations) and its nine warm
+# restarts 2b to 2j, then prints the test table. Safe to re-run after a kill: every stage resumes.
 # Usage: scripts/train_embedded.sh [OUT]  (default runs/embedded)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -32,8 +32,8 @@ def item(index, unit=None, **row):
         ("A is the right one", "A"), ("A or B", None), ("", None), ("Cannot determine the answer", None),
         ("a long story " * 20 + "blue", None),  # far longer than all options: containment would be luck
         # the embedded model goes through the options before it answers (glm4v.train.synth.choice_question)
-        ("It is dark red.\nA. red: no\nB. dark red: yes, so the answer is B.", "B"),
-        ("是深红色的。\nA. red：不是\nB. dark red：是，所以答案是B。", "B"),
+        ("It is dark red.\nA. red vs dark red: no\nB. dark red vs dark red: yes, so the answer is B.", "B"),
+        ("是深红色的。\nA. red vs dark red：不是\nB. dark red vs dark red：是，所以答案是B。", "B"),
     ],
 )
 def test_extract_choice(reply, expected):

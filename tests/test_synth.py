@@ -80,10 +80,10 @@ def test_an_image_already_in_an_earlier_split_is_drawn_again():
     ("perception", "The circle is blue.", "The circle is red.", False),
     ("counting", "4", "4", True),
     ("counting", "14", "4", False),
-    ("choice", "The circle is red.\na. blue: no\nb. red: yes, so the answer is b",
-     "The circle is red.\nA. blue: no\nB. red: yes, so the answer is B.", True),
-    ("choice", "The circle is red.\nA. blue: yes, so the answer is A.",
-     "The circle is red.\nA. blue: no\nB. red: yes, so the answer is B.", False),
+    ("choice", "The circle is red.\na. blue vs red: no\nb. red vs red: yes, so the answer is b",
+     "The circle is red.\nA. blue vs red: no\nB. red vs red: yes, so the answer is B.", True),
+    ("choice", "The circle is red.\nA. blue vs red: yes, so the answer is A.",
+     "The circle is red.\nA. blue vs red: no\nB. red vs red: yes, so the answer is B.", False),
     ("yesno", "圆形是红色的，所以有。", "圆形是红色的，所以有。", True),
     ("yesno", "圆形是红色的，所以没有。", "圆形是红色的，所以有。", False),
     ("description", "The image shows a blue square and a red circle.",
@@ -134,12 +134,12 @@ def test_example_pictures_in_the_repository_are_the_generators():
 
 
 def _letter(answer: str) -> str:
-    """'...\nB. red: yes, so the answer is B.' / '...，所以答案是B。' -> 'B'."""
+    """'...\nB. red vs red: yes, so the answer is B.' / '...，所以答案是B。' -> 'B'."""
     return answer.rstrip(".。")[-1]
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
-def test_multiple_choice_answers_go_through_the_options_up_to_the_right_one(lang):
+def test_multiple_choice_answers_set_each_option_against_the_value_up_to_the_right_one(lang):
     import random
 
     rng = random.Random(11)
@@ -156,10 +156,10 @@ def test_multiple_choice_answers_go_through_the_options_up_to_the_right_one(lang
         no, yes = ("no", "yes") if lang == "en" else ("不是", "是")
         sep = ": " if lang == "en" else "："
         for k, line in enumerate(lines[1:-1]):
-            assert line == f"{'ABCD'[k]}. {options[k]}{sep}{no}"
+            assert line == f"{'ABCD'[k]}. {options[k]} vs red{sep}{no}"
         letter = "ABCD"[right]
-        assert lines[-1] == (f"{letter}. red: yes, so the answer is {letter}." if lang == "en"
-                             else f"{letter}. red：是，所以答案是{letter}。")
+        assert lines[-1] == (f"{letter}. red vs red: yes, so the answer is {letter}." if lang == "en"
+                             else f"{letter}. red vs red：是，所以答案是{letter}。")
         assert _letter(answer) == letter
     assert seen == {0, 1, 2, 3}
 
@@ -178,7 +178,7 @@ def test_extra_questions_ask_for_comparisons_with_the_right_answers():
         options = dict(line.split(". ", 1) for line in q.split("\n")[1:5])
         subject = q.split("\n")[0]
         picked = options[_letter(a)]
-        assert a.endswith(f"{_letter(a)}. {picked}: yes, so the answer is {_letter(a)}.")
+        assert a.endswith(f"{_letter(a)}. {picked} vs {picked}: yes, so the answer is {_letter(a)}.")
         assert picked in a.split("\n")[0]  # the look-up first
         assert any(picked in name and (name.split()[0] in subject or name.split()[1] in subject) for name in present)
     for q, a in is_colour:

@@ -366,7 +366,7 @@ def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path
     assert stage2.steps == 2400 and stage2.out_dir == "runs/x"  # stage 2's own config is left alone
     assert RECIPES["embedded"].restarts == [Restart(800, 3e-4, 1), Restart(800, 2e-4, 2), Restart(1200, 2e-4, 3),
                                           Restart(1600, 2e-4, 4), Restart(1600, 3e-4, 5), Restart(800, 2e-4, 6),
-                                          Restart(1600, 2e-4, 7), Restart(1600, 2e-4, 8)]
+                                          Restart(1600, 2e-4, 7), Restart(1600, 2e-4, 8), Restart(1600, 2e-4, 9)]
 
     assert main(["train", "--recipe", "smoke", "--out", str(tmp_path / "bad"), "--restarts", "2"]) == 1
     assert "--restarts must be 0..1 for recipe 'smoke', got 2" in capsys.readouterr().err

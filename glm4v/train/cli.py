@@ -1,6 +1,6 @@
 """``glm4v train``: from scratch (a recipe or a config), or fine-tune a checkpoint, fully or with LoRA.
 
-    glm4v train --recipe embedded                       # the shipped model, data and all (stages 1, 2, 2b-2i)
+    glm4v train --recipe embedded                       # the shipped model, data and all (stages 1, 2, 2b-2j)
     glm4v train --config cfg.json --tokenizer DIR --data train.jsonl --val-data val.jsonl --out runs/x
     glm4v train --init /models/glm-4v-9b --lora --data mine.jsonl --out runs/lora --dtype bfloat16 --autocast
     glm4v train ... --resume                            # continue after a crash or a kill

@@ -236,21 +236,23 @@ class Recipe:
     freeze_vision: bool = True
     freeze_vision_adapter: bool = True
     threads: int = 2  # 1.6-1.8 s per full-data step on both cores when nothing else runs (1 thread: ~1.9 s per warm-up step)
-    # Stages 2b-2i: each restarts from the previous stage's exported (bf16) model, in OUT/restart,
-    # OUT/restart2, ..., OUT/restart8; the last one is the recipe's model. For the embedded model they
-    # were worth +6, +2.7, +5.1, +2.2, +3.1, +1.9, +4.5 and +0.4 points on the test split
-    # (docs/TRAINING.md; 2f is where the multiple-choice answers started going through the options).
+    # Stages 2b-2j: each restarts from the previous stage's exported (bf16) model, in OUT/restart,
+    # OUT/restart2, ..., OUT/restart9; the last one is the recipe's model. For the embedded model they
+    # were worth +6, +2.7, +5.1, +2.2, +3.1, +1.9, +4.5, +0.4 and +1.0 points on the test split
+    # (docs/TRAINING.md; 2f is where the multiple-choice answers started going through the options,
+    # 2j where each option line started restating the looked-up value).
     restarts: list = field(default_factory=lambda: [Restart(800, 3e-4, 1), Restart(800, 2e-4, 2),
                                                     Restart(1200, 2e-4, 3), Restart(1600, 2e-4, 4),
                                                     Restart(1600, 3e-4, 5), Restart(800, 2e-4, 6),
-                                                    Restart(1600, 2e-4, 7), Restart(1600, 2e-4, 8)])
+                                                    Restart(1600, 2e-4, 7), Restart(1600, 2e-4, 8),
+                                                    Restart(1600, 2e-4, 9)])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 RECIPES = {
-    # the shipped model: data, stage 1 (vision), stage 2 (conversations), stages 2b-2i (restarts)
+    # the shipped model: data, stage 1 (vision), stage 2 (conversations), stages 2b-2j (restarts)
     "embedded": Recipe(name="embedded"),
     # a minute-long smoke run of the same pipeline (tests and trying things out)
     "smoke": Recipe(

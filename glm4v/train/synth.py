@@ -397,14 +397,17 @@ def describe(objs: list[Obj], lang: str) -> str:
 
 def choice_question(rng, question: str, correct: str, pool: list[str], lang: str, statement: str) -> tuple[str, str]:
     """MMBench-style: the question, options A-D (one correct). The answer says what it saw
-    (``statement``), then goes through the options in order, each with a verdict, up to the right one:
-    'The circle is red.\nA. blue: no\nB. red: yes, so the answer is B.'
+    (``statement``), then goes through the options in order, each set against the value it saw and
+    given a verdict, up to the right one:
+    'The circle is red.\nA. blue vs red: no\nB. red vs red: yes, so the answer is B.'
 
     Answered as 'The circle is red, so the answer is B.', the letter had to be found in one step (find
     the option with that word, read the letter written before it) and stayed near chance (36 %) through
-    five training stages. Gone through line by line, each verdict is a yes/no comparison of two words
-    (which the model makes at 96 %), each line is copied from the question, and the letter to give is
-    the one on the line just written.
+    five training stages. Gone through line by line, each line is copied from the question, and the
+    letter to give is the one on the line just written. Lines with a bare verdict ('A. blue: no')
+    compared the option with a word a whole sentence back: right 95 % of the time in English but 75 %
+    in Chinese, where the model mostly said yes on line C whatever it held. Restating the value next to
+    the option makes the verdict a comparison of two neighbouring words.
     """
     options = rng.sample([p for p in pool if p != correct], 3) + [correct]
     rng.shuffle(options)
@@ -412,8 +415,8 @@ def choice_question(rng, question: str, correct: str, pool: list[str], lang: str
     right = options.index(correct)
     letter = "ABCD"[right]
     sep = ": " if lang == "en" else "："
-    checked = [f"{'ABCD'[k]}. {opt}{sep}{NO[lang]}" for k, opt in enumerate(options[:right])]
-    last = so(f"{letter}. {correct}{sep}{YES[lang]}", f"the answer is {letter}" if lang == "en" else f"答案是{letter}", lang)
+    checked = [f"{'ABCD'[k]}. {opt} vs {correct}{sep}{NO[lang]}" for k, opt in enumerate(options[:right])]
+    last = so(f"{letter}. {correct} vs {correct}{sep}{YES[lang]}", f"the answer is {letter}" if lang == "en" else f"答案是{letter}", lang)
     return "\n".join(lines), "\n".join([statement] + checked + [last])
 
 
