@@ -161,7 +161,14 @@ void int4_blocks(const int8_t* codes, const float* xscale, const float* xsum, co
   for (int m = 0; m < M; ++m)
     for (int b = 0; b < B; ++b)
       for (int i = 0; i < 4; ++i) total[m][b][i] = _mm512_setzero_ps();
+  const int64_t sz_row_bytes = sz_bf16 ? 4 : 8;
   for (int64_t gi = 0; gi < groups; ++gi) {
+    // The next group's scales lie N rows further on, a page or more away: no stream the hardware
+    // prefetcher follows, so without this each group's fold waited on memory (3-5 % of the loop).
+    if (gi + 1 < groups) {
+      const char* next = static_cast<const char*>(sz) + ((gi + 1) * N + block0 * 64) * sz_row_bytes;
+      for (int64_t off = 0; off < B * 64 * sz_row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    }
     __m512i acc[M][B][4];
     for (int m = 0; m < M; ++m)
       for (int b = 0; b < B; ++b)
