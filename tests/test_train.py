@@ -199,7 +199,8 @@ def test_sigkill_then_resume_continues_exactly_where_it_stopped(small, tmp_path)
         if proc.poll() is None:
             proc.kill()
     stopped_at = latest_checkpoint(killed)
-    step = json.loads((stopped_at / "trainer_state.json").read_text())["step"]
+    before = json.loads((stopped_at / "trainer_state.json").read_text())
+    step = before["step"]
     assert 6 <= step < steps
     saved = load_file(str(stopped_at / "optimizer.safetensors"))
     assert all(v.item() == step for k, v in saved.items() if k.endswith(".step"))
@@ -208,6 +209,11 @@ def test_sigkill_then_resume_continues_exactly_where_it_stopped(small, tmp_path)
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {step}" in resumed.stderr
+    # the training time carries on across the kill: the killed run's kept steps plus the resumed run's
+    after = json.loads((latest_checkpoint(killed) / "trainer_state.json").read_text())
+    assert before["train_seconds"] > 0 and after["train_seconds"] > before["train_seconds"]
+    assert after["train_seconds_from_step"] == 0
+    assert f"steps 0->{steps} took" in resumed.stderr
 
     straight = tmp_path / "straight"
     done = subprocess.run(_train_cmd(small, straight, steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -320,6 +326,7 @@ def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emu
     assert code == 0
     printed = capsys.readouterr()
     assert "bf16 autocast off" in printed.out
+    assert "training time (min, across resumes): stage 1 " in printed.out and ", 2b " in printed.out
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["config"]["autocast"] is False
     summary = json.loads((out / "summary.json").read_text())
@@ -348,6 +355,11 @@ def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emu
     assert (out / "restart" / "model" / "model-00001-of-00001.safetensors").read_bytes() == before
     assert again["eval"] == summary["eval"] and again["restarts"][0]["step"] == restart.steps
     assert again["wall_s"] > 0  # the command's own time, not the (empty) resumed stage's
+    # each complete stage reports the training time its checkpoint kept, not the empty resumed run's
+    kept = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert 0 < again["train_seconds"] == kept["train_seconds"] <= summary["train_seconds"]
+    assert again["restarts"][0]["train_seconds"] == restarted["train_seconds"] > 0
+    assert again["train_seconds_from_step"] == 0
 
 
 def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path, capsys):

@@ -192,8 +192,24 @@ def run_recipe(args) -> int:
         done.append(stage_result)
     if done:
         result["restarts"] = done
+    print(stage_times(stage1, result, done), flush=True)
     _finish(args, final, out, result, started, evaluate=(recipe.data_seed, recipe.data_sizes["test"]))
     return 0
+
+
+def stage_times(stage1: dict | None, stage2: dict, restarts: list[dict]) -> str:
+    """One line with each stage's training time, across the kills and resumes of a long recipe."""
+    parts, total, partial = [], 0.0, False
+    stages = [("stage 1", stage1)] if stage1 else []
+    stages += [("stage 2", stage2)] + [(f"2{chr(ord('b') + k)}", r) for k, r in enumerate(restarts)]
+    for name, r in stages:
+        seconds = r.get("train_seconds", r.get("wall_s", 0.0))
+        counted_from = r.get("train_seconds_from_step", 0)
+        partial |= counted_from > 0
+        total += seconds
+        parts.append(f"{name} {seconds / 60:.1f}" + (f" (from step {counted_from})" if counted_from else ""))
+    note = "; a stage counted from a later step resumed a checkpoint that did not keep the time" if partial else ""
+    return f"training time (min, across resumes): {', '.join(parts)}; {total / 60:.1f} in all{note}"
 
 
 def restart_folder(k: int) -> str:

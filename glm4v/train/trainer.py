@@ -380,6 +380,12 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.history: list[dict] = []
+        # Training time of the steps this run has kept, across kills and resumes: a checkpoint
+        # carries it on, so a run spread over several sessions still reports what it cost. Work
+        # done after the last checkpoint of a killed run is lost and not counted.
+        self.seconds_before = 0.0  # what the checkpoint resumed from had already taken
+        self.seconds_counted_from = 0  # the step that count starts at (not 0: resumed from a checkpoint without it)
+        self._run_started = None
         torch.manual_seed(cfg.seed)
 
     # -- data position ----------------------------------------------------------------------------
@@ -429,6 +435,7 @@ class Trainer:
         state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "optimizer": meta, "config": asdict(self.cfg), "lora": self.lora, "history": self.history,
+            "train_seconds": round(self.train_seconds(), 1), "train_seconds_from_step": self.seconds_counted_from,
         }
         with atomic_folder(target) as tmp:
             if self.lora:
@@ -489,6 +496,11 @@ class Trainer:
         _load_optimizer(self.optimizer, tensors, state["optimizer"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = state.get("history", [])
+        if "train_seconds" in state:
+            self.seconds_before = float(state["train_seconds"])
+            self.seconds_counted_from = int(state.get("train_seconds_from_step", 0))
+        else:  # written before checkpoints kept the time: only this run's steps can be counted
+            self.seconds_before, self.seconds_counted_from = 0.0, self.step
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
@@ -522,6 +534,11 @@ class Trainer:
         model.train()
         return result
 
+    def train_seconds(self) -> float:
+        """Training time of the steps so far (from ``seconds_counted_from``), this run's included."""
+        running = 0.0 if self._run_started is None else time.perf_counter() - self._run_started
+        return self.seconds_before + running
+
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
         from tqdm import tqdm
@@ -536,6 +553,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    mininterval=1 if tty else 60, disable=False)
         smoothed, tokens_seen, started = None, 0, time.perf_counter()
+        self._run_started = started
         last_log = {}
         while self.step < cfg.steps:
             lr = lr_at(self.step, cfg)
@@ -580,8 +598,14 @@ class Trainer:
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps):
                 self.save_checkpoint()
         bar.close()
-        return {"step": self.step, "train": last_log, "history": self.history,
-                "wall_s": round(time.perf_counter() - started, 1)}
+        wall = time.perf_counter() - started
+        total = self.train_seconds()
+        self.seconds_before, self._run_started = total, None
+        if total > wall + 0.05:
+            self.log(f"steps {self.seconds_counted_from}->{self.step} took {total / 60:.1f} min of training in all "
+                     f"(this run {wall / 60:.1f} min; the rest before a resume)")
+        return {"step": self.step, "train": last_log, "history": self.history, "wall_s": round(wall, 1),
+                "train_seconds": round(total, 1), "train_seconds_from_step": self.seconds_counted_from}
 
     def export(self, folder, dtype: torch.dtype | None = torch.bfloat16, merge: bool = False) -> Path:
         """The trained model as a loadable folder (or the LoRA adapter alone unless ``merge``)."""
