@@ -164,7 +164,7 @@ void int4_blocks(const int8_t* codes, const float* xscale, const float* xsum, co
   const int64_t sz_row_bytes = sz_bf16 ? 4 : 8;
   for (int64_t gi = 0; gi < groups; ++gi) {
     // The next group's scales lie N rows further on, a page or more away: no stream the hardware
-    // prefetcher follows, so without this each group's fold waited on memory (3-5 % of the loop).
+    // prefetcher follows, so without this each group's fold waited on memory (up to 5 % of the time).
     if (gi + 1 < groups) {
       const char* next = static_cast<const char*>(sz) + ((gi + 1) * N + block0 * 64) * sz_row_bytes;
       for (int64_t off = 0; off < B * 64 * sz_row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
