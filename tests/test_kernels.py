@@ -127,6 +127,26 @@ def test_int4_gemv_matches_the_dequantised_product(kernel_set, rows, n, k, group
     assert 0 < err < 0.05 * exact.abs().max().item(), err
 
 
+@every_build
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bf16_results_are_the_float32_results_rounded_as_torch_rounds(kernel_set, fmt):
+    # bf16 activations are widened exactly, so a bf16 call computes the float32 call's products and
+    # only rounds them: that rounding must be torch's (ties to even, NaN, huge and subnormal values)
+    layer, gen = _quantised(fmt, 4096 + 64, 256, 64, 7, torch.bfloat16)
+    x = (torch.randn(3, 256, generator=gen) * torch.logspace(-30, 30, 256)).to(torch.bfloat16)
+    x[1, 5], x[2, 9] = float("inf"), float("nan")  # whole rows of inf/NaN products
+    x[0, :] = x[0, :] * 1e-6  # tiny products, some subnormal after the scale
+    module = kernels_of(kernel_set)
+    if fmt == "int8":
+        run = lambda v: module.int8_gemv(v, layer.weight, layer.weight_scale)  # noqa: E731
+    else:
+        run = lambda v: module.int4_gemv(v, layer.weight, layer.weight_scales_zeros, 64)  # noqa: E731
+    got, full = run(x), run(x.float())
+    assert got.dtype == torch.bfloat16 and full.dtype == torch.float32
+    want = full.to(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantised_layers_use_the_gemv_for_decode_steps(fmt, monkeypatch):
