@@ -371,3 +371,131 @@ def test_bf16_model_on_a_cpu_that_emulates_bf16_is_closer_to_float32(emulated_bf
     err_up, err_plain = (up - ref).abs().max().item(), (plain - ref).abs().max().item()
     assert not torch.equal(up, plain)  # the two paths really differ
     assert err_up <= err_plain * 1.05 + 1e-3, (err_up, err_plain)
+
+
+def _amx_kernels():
+    module = cpu_kernels()
+    return module if module is not None and hasattr(module, "decode_attention") and module.amx_available() else None
+
+
+needs_amx = pytest.mark.skipif(_amx_kernels() is None, reason="no AVX-512 build with AMX here")
+
+
+def _cache_views(batch, groups, keys, dim, gen, spare=5):
+    """Keys and values as the model passes them: the first ``keys`` slots of a larger cache."""
+    cache = torch.randn(2, batch, groups, keys + spare, dim, generator=gen).to(torch.bfloat16)
+    return cache[0, :, :, :keys], cache[1, :, :, :keys]
+
+
+def _queries(batch, heads, groups, tokens, dim, gen, scale=1.0):
+    """Query heads as the model passes them: a transposed view of the rotated [q | k] heads."""
+    qk = (torch.randn(batch, tokens, heads + groups, dim, generator=gen) * scale).to(torch.bfloat16)
+    return qk.transpose(1, 2)[:, :heads]
+
+
+def _attention_fp32(q, k, v):
+    B, H, L, D = q.shape
+    rep = H // k.shape[1]
+    out = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1))
+    return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "batch,heads,groups,tokens,keys,dim",
+    [(1, 32, 2, 1, 1669, 128), (1, 32, 2, 1, 1, 128), (1, 32, 2, 1, 2, 128), (1, 32, 2, 3, 77, 128),
+     (2, 4, 2, 4, 9, 32), (1, 40, 2, 2, 17, 128), (3, 8, 1, 4, 129, 64), (1, 6, 3, 1, 300, 96)],
+)
+def test_decode_attention_is_as_exact_as_sdpa(batch, heads, groups, tokens, keys, dim):
+    """Grouped heads, several tokens, more than 16 rows per group, key counts off the 16/32 blocks."""
+    gen = torch.Generator().manual_seed(keys)
+    q = _queries(batch, heads, groups, tokens, dim, gen)
+    k, v = _cache_views(batch, groups, keys, dim, gen)
+    got = _amx_kernels().decode_attention(q, k, v, dim**-0.5)
+    assert got.shape == (batch, tokens, heads * dim) and got.dtype == torch.bfloat16
+    want = _attention_fp32(q, k, v)
+    folded = q.reshape(batch, groups, heads // groups * tokens, dim)
+    sdpa = F.scaled_dot_product_attention(folded, k, v).view(batch, heads, tokens, dim).transpose(1, 2)
+    sdpa = sdpa.reshape(batch, tokens, heads * dim).float()
+    got_error, sdpa_error = (got.float() - want).abs(), (sdpa - want).abs()
+    assert got_error.max() <= max(2 * sdpa_error.max().item(), 2**-9 * want.abs().max().item())
+    assert got_error.mean() <= 1.25 * sdpa_error.mean() + 1e-6
+
+
+@needs_amx
+def test_decode_attention_survives_peaked_scores():
+    """Scores in the hundreds (one key takes all the weight) neither overflow nor lose that key."""
+    gen = torch.Generator().manual_seed(1)
+    q = _queries(1, 4, 2, 1, 64, gen, scale=30.0)
+    k, v = _cache_views(1, 2, 50, 64, gen)
+    got = _amx_kernels().decode_attention(q, k, v, 64**-0.5).float()
+    want = _attention_fp32(q, k, v)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 2**-7 * want.abs().max()
+
+
+@needs_amx
+def test_decode_attention_leaves_torchs_amx_products_working():
+    """torch's bf16 matmul (AMX through oneDNN) before and after the kernel gives the same result."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(64, 256, generator=gen).to(torch.bfloat16)
+    b = torch.randn(256, 64, generator=gen).to(torch.bfloat16)
+    before = a @ b
+    q = _queries(1, 4, 2, 1, 64, gen)
+    k, v = _cache_views(1, 2, 40, 64, gen)
+    _amx_kernels().decode_attention(q, k, v, 64**-0.5)
+    assert torch.equal(a @ b, before)
+    assert torch.equal(F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)),
+                       F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
+
+
+def test_decode_attention_declines_what_it_does_not_cover():
+    from glm4v.kernels import decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    k, v = _cache_views(1, 2, 10, 32, gen)
+    q = _queries(1, 4, 2, 1, 32, gen)
+    assert decode_attention(q.float(), k.float(), v.float()) is None  # fp32
+    assert decode_attention(_queries(1, 4, 2, 5, 32, gen), k, v) is None  # more tokens than a decode step
+    k16, v16 = _cache_views(1, 2, 10, 16, gen)
+    assert decode_attention(_queries(1, 4, 2, 1, 16, gen), k16, v16) is None  # head_dim not a multiple of 32
+    with torch.enable_grad():
+        assert decode_attention(q.clone().requires_grad_(), k, v) is None  # training needs SDPA's backward
+
+
+@needs_amx
+def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
+    """A bf16 model with 32-wide heads (the embedded model's): decode logits with the kernel match
+    those with SDPA, and the kernel ran in every layer of every decode step."""
+    import json
+
+    import glm4v.model.language as language
+    from glm4v.config import GLM4VConfig
+    from glm4v.model.glm4v import GLM4VForConditionalGeneration
+
+    config = json.loads((TINY_DIR / "config.json").read_text())
+    config.update(kv_channels=32, num_attention_heads=4)
+    cfg = GLM4VConfig.from_dict(config, "tiny config, 32-wide heads")
+    torch.manual_seed(0)
+    model = GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 1000, (1, 21))
+
+    def decode_logits():
+        cache = model.allocate_cache(1, 40)
+        steps = []
+        with torch.inference_mode():
+            logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
+            for _ in range(3):
+                token = logits[:, -1].float().argmax(-1, keepdim=True)
+                logits = model(token, kv_cache=cache, logits_to_keep=1).logits
+                steps.append(logits.float())
+        return torch.cat(steps)
+
+    calls = []
+    kernel = language.decode_attention
+    monkeypatch.setattr(language, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    with_kernel = decode_logits()
+    assert len(calls) == 3 * cfg.num_layers
+    monkeypatch.setattr(language, "decode_attention", lambda *a: None)
+    with_sdpa = decode_logits()
+    assert (with_kernel - with_sdpa).abs().max() <= 0.02 * with_sdpa.abs().max()

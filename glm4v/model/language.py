@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
-from glm4v.kernels import decode_rms_norm, decode_rope, decode_swiglu, linear, upcast_attention
+from glm4v.kernels import decode_attention, decode_rms_norm, decode_rope, decode_swiglu, linear, upcast_attention
 
 
 class RMSNorm(nn.Module):
@@ -206,6 +206,10 @@ class SelfAttention(nn.Module):
             k = cache_k[:, :, : step.key_len]
             v = cache_v[:, :, : step.key_len]
 
+        if step.mask is None and not step.causal:  # a decode step: its own kernel where built
+            out = decode_attention(q, k, v)
+            if out is not None:
+                return self.dense(out)
         out = grouped_attention(q, k, v, step.mask, step.causal)
         return self.dense(out.transpose(1, 2).reshape(B, L, H * hd))
 
