@@ -274,6 +274,34 @@ def test_rope_of_every_build_is_bitwise_the_model_rope(kernel_set, batch, tokens
     assert torch.equal(got, want)
 
 
+@every_build
+@pytest.mark.parametrize("batch,tokens,slot", [(1, 1, 7), (2, 3, 0)])
+def test_rope_into_cache_is_bitwise_the_model_steps(kernel_set, batch, tokens, slot, monkeypatch):
+    """q rotated, k rotated into the cache, v copied into it: as apply_rope and the slice writes do."""
+    import glm4v.model.language as language
+
+    gen = torch.Generator().manual_seed(tokens)
+    heads, groups, head_dim, half, slots = 8, 2, 128, 32, 12
+    qkv = (torch.randn(batch, tokens, (heads + 2 * groups) * head_dim, generator=gen) * 4).to(torch.bfloat16)
+    angles = torch.rand(batch, tokens, half, generator=gen) * 50
+    rope = torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
+    caches = torch.randn(2, 3, batch, groups, slots, head_dim, generator=gen).to(torch.bfloat16)  # [k | v], 3 layers
+    got_k, got_v = caches[0].clone(), caches[1].clone()
+    q = kernels_of(kernel_set).rope_into_cache(qkv, rope, got_k[1], got_v[1], slot, heads, groups)
+
+    monkeypatch.setattr(language, "decode_rope", lambda *a: None)
+    want_k, want_v = caches[0].clone(), caches[1].clone()
+    qk, v = qkv.split([(heads + groups) * head_dim, groups * head_dim], dim=-1)
+    qk = language.apply_rope(qk.view(batch, tokens, heads + groups, head_dim).transpose(1, 2), rope)
+    want_k[1][:, :, slot : slot + tokens] = qk[:, heads:]
+    want_v[1][:, :, slot : slot + tokens] = v.view(batch, tokens, groups, head_dim).transpose(1, 2)
+    assert q.shape == (batch, heads, tokens, head_dim) and q.is_contiguous()
+    assert torch.equal(q, qk[:, :heads])
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)  # and nothing outside the slots
+    with pytest.raises(RuntimeError, match="slots past the cache"):
+        kernels_of(kernel_set).rope_into_cache(qkv, rope, got_k[1], got_v[1], slots - tokens + 1, heads, groups)
+
+
 @needs_kernels
 @pytest.mark.parametrize("rows,features", [(1, 13696), (4, 40), (2, 7)])
 def test_swiglu_matches_the_model_activation(rows, features):

@@ -240,6 +240,18 @@ def decode_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor | None:
     return None if op is None else op(x, rope)
 
 
+def decode_rope_into_cache(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                           slot: int, heads: int, groups: int) -> torch.Tensor | None:
+    """A decode step's attention input in one kernel call, or None: from the projection's
+    ``qkv`` [B, L, (H + 2G) * D], the rotated query heads [B, H, L, D], with the rotated keys and
+    the values written into cache slots ``slot`` .. ``slot + L - 1`` of one layer's ``cache_k``,
+    ``cache_v`` [B, G, slots, D]. Bit for bit what ``apply_rope`` and the cache writes give."""
+    if qkv.dim() != 3 or rope.dim() != 4 or cache_k.dim() != 4:
+        return None
+    op = _decode_op("rope_into_cache", qkv.shape[1], qkv, rope, cache_k, cache_v)
+    return None if op is None else op(qkv, rope, cache_k, cache_v, slot, heads, groups)
+
+
 def decode_swiglu(h: torch.Tensor) -> torch.Tensor | None:
     """``silu(gate) * up`` of a decode step's ``[gate | up]`` rows (bf16, at most ``MAX_ROWS``) in one
     kernel call (AVX-512 build), with the same two bf16 roundings as torch's ops; or None."""

@@ -164,6 +164,19 @@ inline torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps)
   return out;
 }
 
+// One head of one token: the first 2 * half numbers rotate in pairs with the (cos, sin) table,
+// each product, difference and sum rounded to bf16 as torch's bf16 ops round; the rest pass through.
+inline void rotate_head(const uint16_t* src, int64_t stride, const uint16_t* table, int64_t half, int64_t D, uint16_t* dst) {
+  auto round = [](float f) { return bf16_to_float(float_to_bf16(f)); };
+  for (int64_t i = 0; i < half; ++i) {
+    const float even = bf16_to_float(src[2 * i * stride]), odd = bf16_to_float(src[(2 * i + 1) * stride]);
+    const float cos = bf16_to_float(table[2 * i]), sin = bf16_to_float(table[2 * i + 1]);
+    dst[2 * i] = float_to_bf16(round(even * cos) - round(odd * sin));
+    dst[2 * i + 1] = float_to_bf16(round(odd * cos) + round(even * sin));
+  }
+  for (int64_t d = 2 * half; d < D; ++d) dst[d] = src[d * stride];
+}
+
 // RoPE of a decode step's query and key heads, as glm4v.model.language.apply_rope computes it in
 // bf16: x [B, heads, L, D] (any strides; the model passes a transposed view), rope [B, L, R/2, 2]
 // (cos, sin) -> [B, heads, L, D] contiguous. Every product, difference and sum is rounded to bf16
@@ -182,22 +195,54 @@ inline torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor rope) {
   const auto* rp = reinterpret_cast<const uint16_t*>(rc.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2), s3 = x.stride(3);
-  auto round = [](float f) { return bf16_to_float(float_to_bf16(f)); };
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t l = 0; l < L; ++l) {
-        const uint16_t* src = xp + b * s0 + h * s1 + l * s2;
-        const uint16_t* table = rp + (b * L + l) * half * 2;
-        uint16_t* dst = op + ((b * H + h) * L + l) * D;
-        for (int64_t i = 0; i < half; ++i) {
-          const float even = bf16_to_float(src[2 * i * s3]), odd = bf16_to_float(src[(2 * i + 1) * s3]);
-          const float cos = bf16_to_float(table[2 * i]), sin = bf16_to_float(table[2 * i + 1]);
-          dst[2 * i] = float_to_bf16(round(even * cos) - round(odd * sin));
-          dst[2 * i + 1] = float_to_bf16(round(odd * cos) + round(even * sin));
-        }
-        for (int64_t d = 2 * half; d < D; ++d) dst[d] = src[d * s3];
-      }
+      for (int64_t l = 0; l < L; ++l)
+        rotate_head(xp + b * s0 + h * s1 + l * s2, s3, rp + (b * L + l) * half * 2, half, D, op + ((b * H + h) * L + l) * D);
   return out;
+}
+
+// The rest of a decode step's attention input in one call: qkv [B, L, (H + 2G) * D] (the
+// projection's output, rows [q heads | k heads | v heads]) -> q rotated as [B, H, L, D], while
+// the rotated keys and the values go straight into the cache slots slot .. slot + L - 1 of
+// cache_k, cache_v [B, G, slots, D] (one layer's views). Rounded as rope_bf16 rounds. Instead of
+// ~12 torch ops (split, views, RoPE, two cache writes, slicing) that cost ~0.2 ms a layer in a
+// decode step, where each op starts with its code and data pushed out of the CPU caches by the
+// weights streamed since it last ran.
+inline torch::Tensor rope_into_cache(torch::Tensor qkv, torch::Tensor rope, torch::Tensor cache_k, torch::Tensor cache_v,
+                                     int64_t slot, int64_t H, int64_t G) {
+  for (const auto* t : {&qkv, &rope, &cache_k, &cache_v})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "rope_into_cache: bf16 CPU tensors only");
+  TORCH_CHECK(qkv.dim() == 3 && rope.dim() == 4 && rope.size(3) == 2 && cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes(),
+              "rope_into_cache: qkv [B, L, (H + 2G) * D], rope [B, L, R/2, 2], caches [B, G, slots, D]");
+  const int64_t B = qkv.size(0), L = qkv.size(1), D = cache_k.size(3), half = rope.size(2);
+  TORCH_CHECK(H > 0 && G > 0 && qkv.size(2) == (H + 2 * G) * D && cache_k.size(0) == B && cache_k.size(1) == G,
+              "rope_into_cache: qkv's width is not (H + 2G) x the cache's head size");
+  TORCH_CHECK(rope.size(0) == B && rope.size(1) == L && 2 * half <= D, "rope_into_cache: rope does not match");
+  TORCH_CHECK(slot >= 0 && slot + L <= cache_k.size(2), "rope_into_cache: slots past the cache");
+  TORCH_CHECK(cache_k.stride(3) == 1 && cache_v.stride(3) == 1, "rope_into_cache: caches with a contiguous last dimension");
+  const auto qc = qkv.contiguous();
+  const auto rc = rope.contiguous();
+  auto q = torch::empty({B, H, L, D}, qkv.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
+  const auto* rp = reinterpret_cast<const uint16_t*>(rc.data_ptr());
+  auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr());
+  auto* kp = reinterpret_cast<uint16_t*>(cache_k.data_ptr());
+  auto* vp = reinterpret_cast<uint16_t*>(cache_v.data_ptr());
+  const int64_t width = (H + 2 * G) * D;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l < L; ++l) {
+      const uint16_t* row = xp + (b * L + l) * width;
+      const uint16_t* table = rp + (b * L + l) * half * 2;
+      for (int64_t h = 0; h < H; ++h) rotate_head(row + h * D, 1, table, half, D, qp + ((b * H + h) * L + l) * D);
+      for (int64_t g = 0; g < G; ++g) {
+        uint16_t* k_dst = kp + b * cache_k.stride(0) + g * cache_k.stride(1) + (slot + l) * cache_k.stride(2);
+        uint16_t* v_dst = vp + b * cache_v.stride(0) + g * cache_v.stride(1) + (slot + l) * cache_v.stride(2);
+        rotate_head(row + (H + g) * D, 1, table, half, D, k_dst);
+        std::memcpy(v_dst, row + (H + G + g) * D, D * sizeof(uint16_t));
+      }
+    }
+  return q;
 }
 
 // The memory probe of `glm4v bench`: reads every byte of ``buf`` once, the way the decode loops

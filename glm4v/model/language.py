@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig
-from glm4v.kernels import decode_attention, decode_rms_norm, decode_rope, decode_swiglu, linear, upcast_attention
+from glm4v.kernels import (
+    decode_attention,
+    decode_rms_norm,
+    decode_rope,
+    decode_rope_into_cache,
+    decode_swiglu,
+    linear,
+    upcast_attention,
+)
 
 
 class RMSNorm(nn.Module):
@@ -188,6 +196,12 @@ class SelfAttention(nn.Module):
         B, L, _ = x.shape
         hd, H, G = self.head_dim, self.num_heads, self.num_kv_heads
         qkv = self.query_key_value(x)
+        if step.cache is not None and step.first_slot is not None:
+            cache_k, cache_v = step.cache.k[layer], step.cache.v[layer]
+            q = decode_rope_into_cache(qkv, step.rope, cache_k, cache_v, step.first_slot, H, G)
+            if q is not None:  # a decode step: the steps below in one kernel call
+                k, v = cache_k[:, :, : step.key_len], cache_v[:, :, : step.key_len]
+                return self._attend(q, k, v, step)
         # Output rows are contiguous blocks [q | k | v], not interleaved per head; q and k are
         # rotated in one call (RoPE is per head, the same for both).
         qk, v = qkv.split([(H + G) * hd, G * hd], dim=-1)
@@ -206,6 +220,10 @@ class SelfAttention(nn.Module):
             k = cache_k[:, :, : step.key_len]
             v = cache_v[:, :, : step.key_len]
 
+        return self._attend(q, k, v, step)
+
+    def _attend(self, q, k, v, step: StepContext) -> torch.Tensor:
+        B, H, L, hd = q.shape
         if step.mask is None and not step.causal:  # a decode step: its own kernel where built
             out = decode_attention(q, k, v)
             if out is not None:
