@@ -279,44 +279,4 @@ inline int64_t stream_read(const torch::Tensor& buf) {
   return static_cast<int64_t>(checksum.load() + tail);
 }
 
-
-// Reads a decode step's keys and values k, v [B, G, T, D] (views of the KV cache: each (b, g)
-// block of T rows contiguous when its row stride is D) into the caches just before attention
-// uses them, one (b, g) block per task as SDPA's flash kernel splits a folded decode query, so
-// each block lands in the cache of the core likely to use it. SDPA reads a cache that the
-// weights streamed since the last step have pushed out to memory one dependent block at a time:
-// 0.48 ms for 1,700 tokens of GLM-4 here against 0.18 ms with the cache warm. Eight streams per
-// task with software prefetch (as stream_read) fetch them at close to the memory bandwidth.
-inline void touch_kv(const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(), "touch_kv: k and v [B, G, T, D]");
-  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k.stride(3) == 1 && v.stride(3) == 1,
-              "touch_kv: CPU tensors with a contiguous last dimension");
-  const int64_t B = k.size(0), G = k.size(1), T = k.size(2), D = k.size(3), size = k.element_size();
-  typedef uint64_t lane8 __attribute__((vector_size(64), aligned(1)));
-  std::atomic<uint64_t> sink{0};
-  at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
-    lane8 acc = {};
-    for (int64_t i = i0; i < i1; ++i) {
-      for (const torch::Tensor* t : {&k, &v}) {
-        const char* base = static_cast<const char*>(t->data_ptr()) + (i / G * t->stride(0) + i % G * t->stride(1)) * size;
-        const int64_t row_bytes = D * size, row_stride = t->stride(2) * size;
-        // contiguous rows: one span cut into four streams; otherwise row by row
-        const int64_t spans = row_stride == row_bytes ? 1 : T, span_bytes = spans == 1 ? T * row_bytes : row_bytes;
-        constexpr int kStreams = 4;
-        const int64_t stride = (span_bytes / kStreams) / 64 * 64;
-        for (int64_t sp = 0; sp < spans; ++sp) {
-          const char* span = base + sp * row_stride;
-          for (int64_t off = 0; off < stride; off += 64)
-            for (int s = 0; s < kStreams; ++s) {
-              __builtin_prefetch(span + s * stride + off + 1024);
-              acc += *reinterpret_cast<const lane8*>(span + s * stride + off);
-            }
-          for (int64_t off = kStreams * stride; off + 64 <= span_bytes; off += 64) acc += *reinterpret_cast<const lane8*>(span + off);
-        }
-      }
-    }
-    sink += acc[0];  // keeps the loads
-  });
-}
-
 }  // namespace glm4v_kernels

@@ -657,7 +657,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &swiglu, "silu(gate) * up of bf16 rows [gate | up], rounded as torch's ops round (decode steps)");
   m.def("rope", &glm4v_kernels::rope_bf16, "RoPE of a decode step's heads in bf16, rounded as torch's ops round");
   m.def("rope_into_cache", &glm4v_kernels::rope_into_cache, "a decode step's q rotated; its rotated keys and values written into the cache");
-  m.def("touch_kv", &glm4v_kernels::touch_kv, "read a decode step's keys and values into the caches before attention");
   m.def("amx_available", &amx_ready, "whether this process may use the AMX tiles (decode_attention needs them)");
   m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v of a decode step's few tokens against the KV cache, grouped heads (AMX)");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
