@@ -282,6 +282,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 32 or any(t.stride(-1) != 1 for t in (q, k, v)):
         return None
     op = _decode_op("decode_attention", q.shape[2], q, k, v)
-    if op is None or not cpu_kernels().amx_available():
+    if op is None or not _amx_available():
         return None
     return op(q, k, v, q.shape[-1] ** -0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_available() -> bool:
+    """Whether the kernels may use AMX here (asked of the OS once, by the kernel module)."""
+    module = cpu_kernels()
+    return module is not None and hasattr(module, "amx_available") and module.amx_available()

@@ -321,7 +321,6 @@ struct Products {
   }
 };
 
-
 // ---- decode attention (AMX) -----------------------------------------------------------------
 // softmax(q k^T * scale) v for a decode step's few query tokens against the KV cache. One task
 // per (batch row, KV group, 16 query rows): the group's H/G heads x L tokens are the rows, as
@@ -618,7 +617,6 @@ torch::Tensor swiglu(torch::Tensor h) {
     }
   return out;
 }
-
 
 // q [B, H, L, D], k and v [B, G, T, D] bf16 (any strides, the last dimension contiguous; k and v
 // are views of the KV cache; D a multiple of 32) -> softmax(q k^T * scale) v as [B, L, H * D]
