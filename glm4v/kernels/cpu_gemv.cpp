@@ -271,55 +271,7 @@ inline __m512 round_to_bf16(__m512 v) {  // fp32 -> nearest bf16 (ties to even) 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// The wrappers below convert and allocate without aten calls: in a decode step each GEMV's
-// x.to(float), out.to(bf16) and scratch tensors cost 40-60 us of dispatch and allocation with two
-// threads, next to 0.4-0.6 ms for a 4096-wide int4 layer. Scratch lives in per-thread buffers.
 
-// Activations as fp32 rows: fp32 ones in place, bf16 ones widened (exact) into `keep`.
-const float* float_rows(const torch::Tensor& xc, std::vector<float>& keep) {
-  if (xc.scalar_type() == at::kFloat) return xc.data_ptr<float>();
-  keep.resize(xc.numel());
-  const auto* p = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  for (int64_t i = 0; i < xc.numel(); ++i) keep[i] = bf16_to_float(p[i]);
-  return keep.data();
-}
-
-// fp32 products -> bf16 as float_to_bf16 (and torch's .to(bf16)) round: ties to even, NaN stays a
-// quiet NaN, subnormals kept (VCVTNEPS2BF16 would flush them to zero).
-void store_bf16(const float* src, uint16_t* dst, int64_t n) {
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(high, quiet));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
-  }
-  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
-}
-
-// Where the products go: straight into the fp32 result, or into a per-thread buffer that
-// finish() rounds into a bf16 result.
-struct Products {
-  torch::Tensor out;
-  float* data;
-  Products(int64_t M, int64_t N, const torch::Tensor& x) {
-    out = torch::empty({M, N}, x.options());
-    if (x.scalar_type() == at::kFloat) {
-      data = out.data_ptr<float>();
-    } else {
-      thread_local std::vector<float> scratch;
-      scratch.resize(M * N);
-      data = scratch.data();
-    }
-  }
-  torch::Tensor finish() {
-    if (out.scalar_type() != at::kFloat)
-      store_bf16(data, reinterpret_cast<uint16_t*>(out.data_ptr()), out.numel());
-    return out;
-  }
-};
 
 // ---- decode attention (AMX) -----------------------------------------------------------------
 // softmax(q k^T * scale) v for a decode step's few query tokens against the KV cache. One task
@@ -511,6 +463,20 @@ void attention_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
 }
 
 }  // namespace
+
+// store_bf16 with 16 lanes (VCVTNEPS2BF16 would flush subnormals to zero, so the rounding is by hand).
+void glm4v_kernels::store_bf16(const float* src, uint16_t* dst, int64_t n) {
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(high, quiet));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
 
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {

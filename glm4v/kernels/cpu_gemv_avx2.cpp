@@ -203,26 +203,44 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
 
 }  // namespace
 
+// store_bf16 with 8 lanes.
+void glm4v_kernels::store_bf16(const float* src, uint16_t* dst, int64_t n) {
+  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256i u = _mm256_castps_si256(v), high = _mm256_srli_epi32(u, 16);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(high, one))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(high, quiet), nan);
+    // 32-bit lanes (each < 2^16) -> 16-bit: pack within each 128-bit half, then join the halves
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bf16 tensors only");
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "bf16_gemv: w must be a contiguous CPU [N, K]");
   const int64_t K = w.size(1), N = w.size(0);
   check_x(x, K, "bf16_gemv");
-  const auto xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), K16 = K / 16 * 16;
-  auto xs = torch::empty({M, std::max<int64_t>(K16, 1)}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  float* sp = xs.data_ptr<float>();
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K16 = K / 16 * 16;
+  thread_local std::vector<float> widened, shuffled;
+  const float* xp = float_rows(xc, widened);
+  shuffled.resize(std::max<int64_t>(M * K16, 1));
+  float* sp = shuffled.data();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K16; k += 16)
       for (int i = 0; i < 8; ++i) {
         sp[m * K16 + k + i] = xp[m * K + k + 2 * i];
         sp[m * K16 + k + 8 + i] = xp[m * K + k + 2 * i + 1];
       }
-  auto out = torch::empty({M, N}, xf.options());
+  Products out(M, N, xc);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  float* op = out.data_ptr<float>();
+  float* op = out.data;
   by_rows((int)M, [&](auto m_rows) {
     constexpr int Mr = decltype(m_rows)::value;
     constexpr int R = Mr <= 2 ? 4 : 2;  // accumulators M x R stay within the 16 registers
@@ -234,7 +252,7 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
       }
     });
   });
-  return out.to(at::kBFloat16);
+  return out.finish();
 }
 
 // x [M, K] bf16/fp32, w [N, K] int8, scale [N] -> [M, N] in x's dtype.
@@ -242,16 +260,18 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   bool scale_bf16;
   check_int8(x, w, scale, scale_bf16);
   const int64_t K = w.size(1), N = w.size(0);
-  const auto xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
-  auto out = torch::empty({M, N}, xf.options());
-  auto xq_t = torch::empty({M, K}, xf.options().dtype(at::kShort));
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  thread_local std::vector<float> widened;
+  thread_local std::vector<int16_t> xq_keep;
+  xq_keep.resize(M * K);
   float xscale[kMaxRows];
-  int16_t* xq = xq_t.data_ptr<int16_t>();
-  quantize_rows_int16(xf.data_ptr<float>(), M, K, xq, xscale);
+  int16_t* xq = xq_keep.data();
+  quantize_rows_int16(float_rows(xc, widened), M, K, xq, xscale);
+  Products out(M, N, xc);
   const auto* wp = w.data_ptr<int8_t>();
   const void* sp = scale.data_ptr();
-  float* op = out.data_ptr<float>();
+  float* op = out.data;
   by_rows((int)M, [&](auto m_rows) {
     constexpr int Mr = decltype(m_rows)::value;
     constexpr int R = Mr == 1 ? 8 : Mr <= 2 ? 4 : 2;  // 8 weight rows in flight at M = 1: ~10 % faster than 4
@@ -263,7 +283,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
       }
     });
   });
-  return out.to(x.scalar_type());
+  return out.finish();
 }
 
 // x [M, K] bf16/fp32, packed [N, K/2] uint8 (64-row blocks), scales_zeros [K/g, N, 2] -> [M, N] in x's dtype.
@@ -271,17 +291,19 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   bool sz_bf16;
   check_int4(x, packed, scales_zeros, group, 2 * kPairsPerFlush, sz_bf16);
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  const auto xf = x.to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), groups = K / group;
-  auto codes_t = torch::empty({M, K}, xf.options().dtype(at::kChar));
-  auto stats = torch::empty({2, M, groups}, xf.options());
-  float* xscale = stats.data_ptr<float>();
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), groups = K / group;
+  thread_local std::vector<float> widened, stats;
+  thread_local std::vector<int8_t> codes_keep;
+  codes_keep.resize(M * K);
+  stats.resize(2 * M * groups);
+  float* xscale = stats.data();
   float* xsum = xscale + M * groups;
-  quantize_groups_int8(xf.data_ptr<float>(), M, K, group, codes_t.data_ptr<int8_t>(), xscale, xsum);
+  quantize_groups_int8(float_rows(xc, widened), M, K, group, codes_keep.data(), xscale, xsum);
   // two consecutive int8 codes read as one 16-bit word: the column pair int4_block multiplies
-  const auto* pairs = reinterpret_cast<const int16_t*>(codes_t.data_ptr<int8_t>());
-  auto out = torch::empty({M, N}, xf.options());
-  float* op = out.data_ptr<float>();
+  const auto* pairs = reinterpret_cast<const int16_t*>(codes_keep.data());
+  Products out(M, N, xc);
+  float* op = out.data;
   const auto* wp = packed.data_ptr<uint8_t>();
   const void* szp = scales_zeros.data_ptr();
   by_rows((int)M, [&](auto m_rows) {
@@ -291,7 +313,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         int4_block<Mr>(pairs, xscale, xsum, wp, szp, sz_bf16, op, K, N, b, group);
     });
   });
-  return out.to(x.scalar_type());
+  return out.finish();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
