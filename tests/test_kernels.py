@@ -451,6 +451,27 @@ def test_decode_attention_is_as_exact_as_sdpa(batch, heads, groups, tokens, keys
 
 
 @needs_amx
+@pytest.mark.parametrize("threads", [4, 16])
+def test_decode_attention_split_over_key_ranges_is_as_exact(threads):
+    """More threads than (row, group) tasks: the keys are split in ranges of at least 512 and the
+    parts merged; the result is as exact as SDPA's."""
+    gen = torch.Generator().manual_seed(threads)
+    q = _queries(1, 32, 2, 1, 128, gen)
+    k, v = _cache_views(1, 2, 5000, 128, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _amx_kernels().decode_attention(q, k, v, 128**-0.5).float()
+    finally:
+        torch.set_num_threads(before)
+    want = _attention_fp32(q, k, v)
+    sdpa = F.scaled_dot_product_attention(q.reshape(1, 2, 16, 128), k, v).view(1, 32, 1, 128).transpose(1, 2)
+    sdpa_error = (sdpa.reshape(1, 1, 4096).float() - want).abs()
+    assert (got - want).abs().max() <= 2 * sdpa_error.max()
+    assert (got - want).abs().mean() <= 1.25 * sdpa_error.mean()
+
+
+@needs_amx
 def test_decode_attention_survives_peaked_scores():
     """Scores in the hundreds (one key takes all the weight) neither overflow nor lose that key."""
     gen = torch.Generator().manual_seed(1)

@@ -316,10 +316,19 @@ struct AttentionShape {
   float scale;
 };
 
+// What one task leaves for the merge: per query row the largest score, the sum of exp(score -
+// that maximum), and the values weighted by those exponentials, o[c][r][16] (not yet divided).
+struct AttentionPart {
+  float* o;
+  float top[kTileRows];
+  float total[kTileRows];
+};
+
+// Keys t_begin .. t_end - 1 of one (batch row, group, 16 query rows).
 __attribute__((target("amx-tile,amx-bf16")))
-void attention_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, const AttentionShape& a,
-                    int64_t b, int64_t g, int64_t row0, int rows, int64_t H) {
-  const int64_t T = a.T, D = a.D, dword_cols = D / 2, T32 = (T + 31) / 32 * 32;
+void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, const AttentionShape& a, int64_t b,
+                    int64_t g, int64_t row0, int rows, int64_t t_begin, int64_t t_end, AttentionPart& part) {
+  const int64_t T = t_end - t_begin, D = a.D, dword_cols = D / 2, T32 = (T + 31) / 32 * 32;
   // Whatever tile configuration torch's own AMX kernels left on this thread is put back at the
   // end, so that a caller which cached it does not run its next product unconfigured.
   TileConfig before, config;
@@ -331,7 +340,7 @@ void attention_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
   _tile_loadconfig(&config);
 
   thread_local std::vector<uint32_t> qpair_keep, pmat_keep, vpair_keep;
-  thread_local std::vector<float> s_keep, o_keep;
+  thread_local std::vector<float> s_keep;
   thread_local std::vector<uint16_t> ktail_keep;
   // B of pass 1: qpair[p][r] = (q[r][2p], q[r][2p + 1]); lanes past `rows` stay 0
   qpair_keep.assign(dword_cols * kTileRows, 0u);
@@ -341,8 +350,8 @@ void attention_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
     const auto* qrow = reinterpret_cast<const uint32_t*>(q + b * a.q_b + h * a.q_h + l * a.q_l);
     for (int64_t p = 0; p < dword_cols; ++p) qpair[p * kTileRows + r] = qrow[p];
   }
-  const uint16_t* kg = k + b * a.k_b + g * a.k_g;
-  const uint16_t* vg = v + b * a.v_b + g * a.v_g;
+  const uint16_t* kg = k + b * a.k_b + g * a.k_g + t_begin * a.k_t;
+  const uint16_t* vg = v + b * a.v_b + g * a.v_g + t_begin * a.v_t;
 
   // pass 1: s[t][r], t < T (16-key blocks; the last one from a zero-padded copy)
   s_keep.resize((T + kTileRows) * kTileRows);
@@ -393,13 +402,12 @@ void attention_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
     _mm512_store_si512(pairs, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
     for (int r = 0; r < kTileRows; ++r) pmat[r * (T32 / 2) + t / 2] = pairs[r];
   }
-  alignas(64) float inverse[kTileRows];
-  _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.f), total));
+  _mm512_storeu_ps(part.top, top);
+  _mm512_storeu_ps(part.total, total);
 
   // pass 2: o[c][r][16 dims] for dimension chunks of 16, four chunks (tiles 0-3) per sweep
   const int64_t chunks = (D + 15) / 16;
-  o_keep.resize(chunks * kTileRows * 16);
-  float* o = o_keep.data();
+  float* o = part.o;
   vpair_keep.resize(4 * kTileRows * 16);
   uint32_t* vpair = vpair_keep.data();
   // (v[t][d], v[t + 1][d]) for 16 dimensions
@@ -449,15 +457,35 @@ void attention_task(const uint16_t* q, const uint16_t* k, const uint16_t* v, uin
     _tile_release();
   else
     _tile_loadconfig(&before);
+}
 
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t d0 = c * 16;
-    const __mmask16 dmask = D - d0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - d0)) - 1);
-    for (int r = 0; r < rows; ++r) {
-      const int64_t row = row0 + r, h = g * a.rep + row / a.L, l = row % a.L;
+// The parts of one (batch row, group, 16 query rows) over consecutive key ranges -> the output
+// rows: each part's sums rescaled to the largest maximum (flash-decoding's merge), divided by the
+// total, rounded to bf16. With one part this is o / total, as a single pass gives.
+void merge_parts(const AttentionPart* parts, int64_t count, const AttentionShape& a, int64_t b, int64_t g, int64_t row0,
+                 int rows, int64_t H, uint16_t* out) {
+  const int64_t D = a.D, chunks = (D + 15) / 16;
+  for (int r = 0; r < rows; ++r) {
+    float top = -INFINITY;
+    for (int64_t p = 0; p < count; ++p) top = std::max(top, parts[p].top[r]);
+    float weight[64], total = 0.f;
+    for (int64_t p = 0; p < count; ++p) {
+      weight[p] = count == 1 ? 1.f : std::exp(parts[p].top[r] - top);
+      total += weight[p] * parts[p].total[r];
+    }
+    const float inverse = 1.f / total;
+    const int64_t row = row0 + r, h = g * a.rep + row / a.L, l = row % a.L;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t d0 = c * 16;
+      const __mmask16 dmask = D - d0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (D - d0)) - 1);
+      __m512 sum = _mm512_loadu_ps(parts[0].o + (c * kTileRows + r) * 16);
+      if (count > 1) {
+        sum = _mm512_mul_ps(sum, _mm512_set1_ps(weight[0]));
+        for (int64_t p = 1; p < count; ++p)
+          sum = _mm512_fmadd_ps(_mm512_loadu_ps(parts[p].o + (c * kTileRows + r) * 16), _mm512_set1_ps(weight[p]), sum);
+      }
       uint16_t* dst = out + (b * a.L + l) * H * D + h * D + d0;
-      const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(o + (c * kTileRows + r) * 16), _mm512_set1_ps(inverse[r]));
-      _mm256_mask_storeu_epi16(dst, dmask, (__m256i)_mm512_cvtneps_pbh(value));
+      _mm256_mask_storeu_epi16(dst, dmask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sum, _mm512_set1_ps(inverse))));
     }
   }
 }
@@ -605,13 +633,32 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t rows = a.rep * L, chunks = (rows + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, B * G * chunks, 1, [&](int64_t i0, int64_t i1) {
+  // One task per (batch row, group, 16 query rows); when that leaves threads idle (GLM-4 has 2
+  // KV groups, so a batch of one gives 2 tasks), the keys are split into up to 64 ranges of at
+  // least 512 and the parts merged.
+  const int64_t rows = a.rep * L, chunks = (rows + kTileRows - 1) / kTileRows, tasks = B * G * chunks;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = tasks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>({(threads + tasks - 1) / tasks, T / 512, 64}));
+  const int64_t span = (T + splits - 1) / splits, o_floats = (D + 15) / 16 * kTileRows * 16;
+  // (the calling thread's buffers, reached by pointer: a worker naming them would get its own)
+  thread_local std::vector<float> o_keep;
+  thread_local std::vector<AttentionPart> parts_keep;
+  o_keep.resize(tasks * splits * o_floats);
+  parts_keep.resize(tasks * splits);
+  AttentionPart* parts = parts_keep.data();
+  for (int64_t i = 0; i < tasks * splits; ++i) parts[i].o = o_keep.data() + i * o_floats;
+  at::parallel_for(0, tasks * splits, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (G * chunks), g = i / chunks % G, row0 = i % chunks * kTileRows;
-      attention_task(qp, kp, vp, op, a, b, g, row0, (int)std::min<int64_t>(kTileRows, rows - row0), H);
+      const int64_t task = i / splits, split = i % splits;
+      const int64_t b = task / (G * chunks), g = task / chunks % G, row0 = task % chunks * kTileRows;
+      attention_part(qp, kp, vp, a, b, g, row0, (int)std::min<int64_t>(kTileRows, rows - row0), split * span,
+                     std::min(T, (split + 1) * span), parts[i]);
     }
   });
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / (G * chunks), g = task / chunks % G, row0 = task % chunks * kTileRows;
+    merge_parts(parts + task * splits, splits, a, b, g, row0, (int)std::min<int64_t>(kTileRows, rows - row0), H, op);
+  }
   return out;
 }
 
