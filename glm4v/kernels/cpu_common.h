@@ -294,8 +294,29 @@ inline const float* float_rows(const torch::Tensor& xc, std::vector<float>& keep
 }
 
 // fp32 products -> bf16 as float_to_bf16 (and torch's .to(bf16)) round: ties to even, NaN stays a
-// quiet NaN, subnormals kept. Each build defines it with its own vectors.
-void store_bf16(const float* src, uint16_t* dst, int64_t n);
+// quiet NaN, subnormals kept (VCVTNEPS2BF16 would flush them to zero). Plain C++ with GCC vector
+// types, as stream_read: each build compiles it for its own instruction set.
+inline void store_bf16(const float* src, uint16_t* dst, int64_t n) {
+#ifdef __AVX512F__
+  constexpr int kLanes = 16;
+#else
+  constexpr int kLanes = 8;  // 16 lanes of these types compile to ~6x slower code for AVX2
+#endif
+  typedef uint32_t u32v __attribute__((vector_size(4 * kLanes), aligned(4)));
+  typedef int32_t i32v __attribute__((vector_size(4 * kLanes), aligned(4)));
+  typedef uint16_t u16v __attribute__((vector_size(2 * kLanes), aligned(2)));
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    u32v bits;
+    std::memcpy(&bits, src + i, sizeof bits);
+    const u32v high = bits >> 16;
+    const u32v rounded = (bits + 0x7FFFu + (high & 1u)) >> 16;
+    const u32v nan = (u32v)((i32v)(bits & 0x7FFFFFFFu) > 0x7F800000);  // all ones where NaN
+    const u16v packed = __builtin_convertvector((rounded & ~nan) | ((high | 0x40u) & nan), u16v);  // NaN: quiet, sign kept
+    std::memcpy(dst + i, &packed, sizeof packed);
+  }
+  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
 
 // Where the products go: straight into the fp32 result, or into a per-thread buffer that
 // finish() rounds into a bf16 result.

@@ -492,20 +492,6 @@ void merge_parts(const AttentionPart* parts, int64_t count, const AttentionShape
 
 }  // namespace
 
-// store_bf16 with 16 lanes (VCVTNEPS2BF16 would flush subnormals to zero, so the rounding is by hand).
-void glm4v_kernels::store_bf16(const float* src, uint16_t* dst, int64_t n) {
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(high, one))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(high, quiet));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
-  }
-  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
-}
-
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bf16 tensors only");

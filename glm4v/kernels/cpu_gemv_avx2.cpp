@@ -203,23 +203,6 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
 
 }  // namespace
 
-// store_bf16 with 8 lanes.
-void glm4v_kernels::store_bf16(const float* src, uint16_t* dst, int64_t n) {
-  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i);
-    const __m256i u = _mm256_castps_si256(v), high = _mm256_srli_epi32(u, 16);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(high, one))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(high, quiet), nan);
-    // 32-bit lanes (each < 2^16) -> 16-bit: pack within each 128-bit half, then join the halves
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
-  }
-  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
-}
-
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bf16 tensors only");
