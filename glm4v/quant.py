@@ -41,7 +41,6 @@ import functools
 import json
 import struct
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ from torch import nn
 
 from glm4v.errors import CheckpointError, InputError
 from glm4v.kernels import MAX_ROWS as KERNEL_ROWS_PER_CALL
-from glm4v.kernels import cpu_kernels, upcast_helps
+from glm4v.kernels import cpu_kernels, scratch_buffer, upcast_helps
 
 FORMATS = ("bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -196,30 +195,6 @@ def cpu_int8_kernel_ok() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
-_scratch = threading.local()
-
-
-def _scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device, slot: str = "weight") -> torch.Tensor:
-    """A reused buffer for expanded weight slices: a fresh allocation per call costs page faults
-    (int8->bf16 into new memory is ~5x slower than into warm memory)."""
-    key = (slot, dtype, device)
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        # an ordinary tensor (not an inference tensor), so that it can be written in and out of
-        # inference mode alike
-        with torch.inference_mode(False):
-            buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
-def release_scratch() -> None:
-    """Free this thread's expansion buffers (they are re-created on the next large step)."""
-    _scratch.buffers = {}
-
-
 class QuantizedLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` holding an int8 or int4 weight (see the module docstring)."""
 
@@ -354,7 +329,7 @@ class QuantizedLinear(nn.Module):
         dtype = torch.float32 if upcast_helps(x) else x.dtype
         x = x.to(dtype)
         rows = max(INT4_BLOCK_ROWS, (EXPAND_CHUNK_ELEMENTS // K) // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
-        buf = _scratch_buffer(min(rows, N) * K, dtype, x.device)
+        buf = scratch_buffer(min(rows, N) * K, dtype, x.device)
         pieces = []
         for start in range(0, N, rows):
             stop = min(N, start + rows)
@@ -383,8 +358,8 @@ class QuantizedLinear(nn.Module):
         n = stop - start
         nb, groups, half = n // INT4_BLOCK_ROWS, K // g, INT4_BLOCK_ROWS // 2
         device = out_kn.device
-        by_column = _scratch_buffer(K * nb * half, torch.uint8, device, "by_column").view(K, nb, half)
-        low = _scratch_buffer(K * nb * half, torch.uint8, device, "low").view(K, nb, half)
+        by_column = scratch_buffer(K * nb * half, torch.uint8, device, "by_column").view(K, nb, half)
+        low = scratch_buffer(K * nb * half, torch.uint8, device, "low").view(K, nb, half)
         by_column.copy_(self.weight[start:stop].view(nb, K, half).transpose(0, 1))
         torch.bitwise_and(by_column, 15, out=low)
         by_column.bitwise_right_shift_(4)

@@ -353,6 +353,11 @@ def test_prefill_sized_bf16_products_run_in_float32_where_bf16_is_emulated(emula
         layer.weight.copy_(w)
         layer.bias.copy_(b)
         assert torch.equal(layer(x), want)
+        # a weight wider than one slice goes through the reused buffer in pieces, same result
+        monkeypatch.setattr(k, "UPCAST_CHUNK_ELEMENTS", 96 * 16)  # slices of 16, 16 and 8 rows
+        monkeypatch.setattr(k, "UPCAST_MIN_SLICE_ROWS", 1)
+        assert torch.equal(k.upcast_linear(x, w, b), want)
+        assert torch.equal(k.upcast_linear(x, w), F.linear(x.float(), w.float()).to(torch.bfloat16))
         # decode-sized products and other dtypes keep their own kernels
         assert k.upcast_linear(x[:1, :1], w, b) is None
         assert k.upcast_linear(x.float(), w.float()) is None

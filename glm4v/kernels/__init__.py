@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -90,15 +91,56 @@ def upcast_helps(x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS)
 
 
+# Float32 slice of a bf16 weight that upcast_linear expands at a time (32 MB, at least 256 rows):
+# on a Zen 3 EPYC slices of 1-32 M elements and 256-4,096 rows all ran within noise of a product
+# with the whole float32 weight ready, at 300 and 1,600 token rows.
+UPCAST_CHUNK_ELEMENTS = 8 * 1024 * 1024
+UPCAST_MIN_SLICE_ROWS = 256
+
+_scratch = threading.local()
+
+
+def scratch_buffer(numel: int, dtype: torch.dtype, device: torch.device, slot: str = "weight") -> torch.Tensor:
+    """A reused per-thread buffer for expanded weight slices: a fresh allocation per call costs page
+    faults (expanding into new memory is ~5x slower than into warm memory)."""
+    key = (slot, dtype, device)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        # an ordinary tensor (not an inference tensor), so that it can be written in and out of
+        # inference mode alike
+        with torch.inference_mode(False):
+            buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T (+ bias) computed in float32 and returned in bf16, or None when that is not faster.
 
-    Not under autograd: backward would keep a float32 copy of every weight alive.
+    The weight is widened a slice of rows at a time into a reused buffer: ``weight.float()`` into
+    fresh memory cost 0.25 s for a 27392x4096 weight on a Zen 3 EPYC, a third of its product with
+    300 token rows. Not under autograd: backward would keep a float32 copy of every weight alive.
     """
     if weight.dtype != torch.bfloat16 or not upcast_helps(x) or not _outside_autograd(x, weight):
         return None
-    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    return out.to(torch.bfloat16)
+    N, K = weight.shape
+    xf = x.float()
+    rows = min(N, max(UPCAST_MIN_SLICE_ROWS, UPCAST_CHUNK_ELEMENTS // K))
+    buf = scratch_buffer(rows * K, torch.float32, x.device, "upcast")
+    out = None
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        w = buf[: (stop - start) * K].view(stop - start, K)
+        w.copy_(weight[start:stop])
+        part = F.linear(xf, w, None if bias is None else bias[start:stop].float())
+        if stop - start == N:
+            return part.to(torch.bfloat16)
+        if out is None:
+            out = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16, device=x.device)
+        out[..., start:stop] = part
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
