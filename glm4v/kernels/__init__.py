@@ -91,10 +91,11 @@ def upcast_helps(x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] >= UPCAST_MIN_ROWS)
 
 
-# Float32 slice of a bf16 weight that upcast_linear expands at a time (32 MB, at least 256 rows):
-# on a Zen 3 EPYC slices of 1-32 M elements and 256-4,096 rows all ran within noise of a product
-# with the whole float32 weight ready, at 300 and 1,600 token rows.
-UPCAST_CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Float32 slice of a bf16 weight that upcast_linear expands at a time (128 MB, at least 256 rows).
+# On a Zen 3 EPYC, slices of 1-32 M elements ran within noise of a product with the whole float32
+# weight at 300 and 1,600 token rows, but at 6,401 (the vision tower) 8 M-element slices took up
+# to 2x as long as 32 M ones: each slice's output is fresh memory there.
+UPCAST_CHUNK_ELEMENTS = 32 * 1024 * 1024
 UPCAST_MIN_SLICE_ROWS = 256
 
 _scratch = threading.local()
