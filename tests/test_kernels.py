@@ -163,14 +163,42 @@ def test_quantised_layers_use_the_gemv_for_decode_steps(fmt, monkeypatch):
         want = F.linear(x.float(), dequantize(layer).float())
         assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
         calls.clear()
-        layer(torch.randn(40, 256, generator=gen).to(torch.bfloat16))  # a prefill: expand and matmul
+        # a prefill: expand and matmul (the AVX2 build's GEMV keeps up to 128 rows, quant.py)
+        layer(torch.randn(200, 256, generator=gen).to(torch.bfloat16))
+        assert calls == []
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [5, 8, 23, 48])
+def test_avx2_build_takes_short_bf16_prefills_in_passes(rows, monkeypatch):
+    """With the AVX2 build (bf16 emulated) a few-token step of a bf16 layer runs the GEMV 4 rows a
+    pass, faster there than widening the weight to float32; other builds leave it to the matmul."""
+    import glm4v.kernels as k
+
+    module = cpu_kernels()
+    calls = []
+    real = module.bf16_gemv
+    monkeypatch.setattr(module, "bf16_gemv", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 200, generator=gen).to(torch.bfloat16)
+    w = torch.randn(67, 200, generator=gen).to(torch.bfloat16)
+    b = torch.randn(67, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = k.linear(x, w, b)
+    want = F.linear(x.float(), w.float(), b.float())
+    assert got.shape == (1, rows, 67) and got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    if module.kernel_set == "avx2":
+        assert calls == [4] * (rows // 4) + ([rows % 4] if rows % 4 else [])
+    else:
         assert calls == []
 
 
 def test_declines_what_it_does_not_cover():
     w = torch.randn(8, 32).to(torch.bfloat16)
     assert bf16_linear(torch.randn(1, 32), w) is None  # fp32 activations
-    assert bf16_linear(torch.randn(5, 32).to(torch.bfloat16), w) is None  # more rows than a decode step
+    many = glm4v.kernels.AVX2_BF16_GEMV_MAX_TOKENS + 1
+    assert bf16_linear(torch.randn(many, 32).to(torch.bfloat16), w) is None  # a prefill's rows
     assert bf16_linear(torch.randn(1, 32).to(torch.bfloat16), w.t().contiguous().t()) is None  # strided weight
     trainable = torch.nn.Parameter(w.clone())
     with torch.enable_grad():
@@ -345,7 +373,8 @@ def test_prefill_sized_bf16_products_run_in_float32_where_bf16_is_emulated(emula
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(40, 96, generator=gen).to(torch.bfloat16)
     b = torch.randn(40, generator=gen).to(torch.bfloat16)
-    x = torch.randn(2, k.UPCAST_MIN_ROWS // 2, 96, generator=gen).to(torch.bfloat16)  # 8 rows over a batch of 2
+    # more rows than the AVX2 bf16 GEMV takes in passes, over a batch of 2
+    x = torch.randn(2, k.AVX2_BF16_GEMV_MAX_TOKENS // 2 + 1, 96, generator=gen).to(torch.bfloat16)
     want = F.linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(k.upcast_linear(x, w, b), want)

@@ -102,9 +102,10 @@ def test_every_step_size_matches_the_dequantised_matmul(dtype, fmt, shape, nativ
     linear = nn.Linear(shape[1], shape[0], bias=True).to(dtype)
     layer = QuantizedLinear.from_linear(linear, fmt, 64)
     weight = quant.dequantize(layer).float()
-    for tokens in (1, 3, quant.KERNEL_MAX_TOKENS[fmt], quant.KERNEL_MAX_TOKENS[fmt] + 1, 100):
+    limit = layer.max_kernel_tokens(torch.zeros(1, shape[1], dtype=dtype))
+    for tokens in (1, 3, limit, limit + 1, 200):
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        if fmt == "int4" and tokens <= quant.KERNEL_MAX_TOKENS[fmt] and hasattr(glm4v.kernels.cpu_kernels(), "int4_gemv"):
+        if fmt == "int4" and tokens <= limit and hasattr(glm4v.kernels.cpu_kernels(), "int4_gemv"):
             tol = 1e-2  # the AVX2 int4 GEMV rounds the activations to int8 per group (kernels/cpu_gemv_avx2.cpp)
         x = torch.randn(1, tokens, shape[1], dtype=dtype)
         want = F.linear(x.float(), weight, linear.bias.float())
@@ -130,7 +131,9 @@ def test_kernel_is_picked_by_tokens_per_step(monkeypatch, kernel_ok, own_kernel)
     real_expand = QuantizedLinear._expand_and_matmul
     monkeypatch.setattr(QuantizedLinear, "_expand_and_matmul",
                         lambda self, x: calls.append(("expand", x.shape[0])) or real_expand(self, x))
-    limit = quant.KERNEL_MAX_TOKENS["int4"]
+    limit = layer.max_kernel_tokens(torch.zeros(1, 128, dtype=torch.bfloat16))
+    assert limit == (quant.AVX2_KERNEL_MAX_TOKENS["int4"] if own_kernel and getattr(
+        glm4v.kernels.cpu_kernels(), "kernel_set", None) == "avx2" else quant.KERNEL_MAX_TOKENS["int4"])
     for m in (1, quant.KERNEL_ROWS_PER_CALL, limit, limit + 1, 500):
         layer(torch.randn(m, 128, dtype=torch.bfloat16))
     small = "kernel" if kernel_ok or own_kernel else "expand"
