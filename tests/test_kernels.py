@@ -437,10 +437,21 @@ def test_bf16_model_on_a_cpu_that_emulates_bf16_is_closer_to_float32(emulated_bf
 
 def _amx_kernels():
     module = cpu_kernels()
-    return module if module is not None and hasattr(module, "decode_attention") and module.amx_available() else None
+    return module if module is not None and hasattr(module, "amx_available") and module.amx_available() else None
 
 
 needs_amx = pytest.mark.skipif(_amx_kernels() is None, reason="no AVX-512 build with AMX here")
+
+
+def _attention_builds() -> list[str]:
+    """The builds whose decode attention runs here: the AVX2 one wherever it runs, the AVX-512 one
+    where the CPU has AMX."""
+    if cpu_kernels() is None:
+        return []
+    return [s for s in runnable_kernel_sets() if s == "avx2" or build(s).amx_available()]
+
+
+every_attention_build = pytest.mark.parametrize("kernel_set", _attention_builds() or ["none"])
 
 
 def _cache_views(batch, groups, keys, dim, gen, spare=5):
@@ -462,18 +473,18 @@ def _attention_fp32(q, k, v):
     return out.transpose(1, 2).reshape(B, L, H * D)
 
 
-@needs_amx
+@every_attention_build
 @pytest.mark.parametrize(
     "batch,heads,groups,tokens,keys,dim",
     [(1, 32, 2, 1, 1669, 128), (1, 32, 2, 1, 1, 128), (1, 32, 2, 1, 2, 128), (1, 32, 2, 3, 77, 128),
      (2, 4, 2, 4, 9, 32), (1, 40, 2, 2, 17, 128), (3, 8, 1, 4, 129, 64), (1, 6, 3, 1, 300, 96)],
 )
-def test_decode_attention_is_as_exact_as_sdpa(batch, heads, groups, tokens, keys, dim):
+def test_decode_attention_is_as_exact_as_sdpa(kernel_set, batch, heads, groups, tokens, keys, dim):
     """Grouped heads, several tokens, more than 16 rows per group, key counts off the 16/32 blocks."""
     gen = torch.Generator().manual_seed(keys)
     q = _queries(batch, heads, groups, tokens, dim, gen)
     k, v = _cache_views(batch, groups, keys, dim, gen)
-    got = _amx_kernels().decode_attention(q, k, v, dim**-0.5)
+    got = kernels_of(kernel_set).decode_attention(q, k, v, dim**-0.5)
     assert got.shape == (batch, tokens, heads * dim) and got.dtype == torch.bfloat16
     want = _attention_fp32(q, k, v)
     folded = q.reshape(batch, groups, heads // groups * tokens, dim)
@@ -484,9 +495,9 @@ def test_decode_attention_is_as_exact_as_sdpa(batch, heads, groups, tokens, keys
     assert got_error.mean() <= 1.25 * sdpa_error.mean() + 1e-6
 
 
-@needs_amx
+@every_attention_build
 @pytest.mark.parametrize("threads", [4, 16])
-def test_decode_attention_split_over_key_ranges_is_as_exact(threads):
+def test_decode_attention_split_over_key_ranges_is_as_exact(kernel_set, threads):
     """More threads than (row, group) tasks: the keys are split in ranges of at least 512 and the
     parts merged; the result is as exact as SDPA's."""
     gen = torch.Generator().manual_seed(threads)
@@ -495,7 +506,7 @@ def test_decode_attention_split_over_key_ranges_is_as_exact(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = _amx_kernels().decode_attention(q, k, v, 128**-0.5).float()
+        got = kernels_of(kernel_set).decode_attention(q, k, v, 128**-0.5).float()
     finally:
         torch.set_num_threads(before)
     want = _attention_fp32(q, k, v)
@@ -505,13 +516,13 @@ def test_decode_attention_split_over_key_ranges_is_as_exact(threads):
     assert (got - want).abs().mean() <= 1.25 * sdpa_error.mean()
 
 
-@needs_amx
-def test_decode_attention_survives_peaked_scores():
+@every_attention_build
+def test_decode_attention_survives_peaked_scores(kernel_set):
     """Scores in the hundreds (one key takes all the weight) neither overflow nor lose that key."""
     gen = torch.Generator().manual_seed(1)
     q = _queries(1, 4, 2, 1, 64, gen, scale=30.0)
     k, v = _cache_views(1, 2, 50, 64, gen)
-    got = _amx_kernels().decode_attention(q, k, v, 64**-0.5).float()
+    got = kernels_of(kernel_set).decode_attention(q, k, v, 64**-0.5).float()
     want = _attention_fp32(q, k, v)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 2**-7 * want.abs().max()
@@ -546,7 +557,8 @@ def test_decode_attention_declines_what_it_does_not_cover():
         assert decode_attention(q.clone().requires_grad_(), k, v) is None  # training needs SDPA's backward
 
 
-@needs_amx
+@pytest.mark.skipif(cpu_kernels() is None or cpu_kernels().kernel_set not in _attention_builds(),
+                    reason="no decode attention kernel for this CPU")
 def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
     """A bf16 model with 32-wide heads (the embedded model's): decode logits with the kernel match
     those with SDPA, and the kernel ran in every layer of every decode step."""
@@ -574,11 +586,11 @@ def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
                 steps.append(logits.float())
         return torch.cat(steps)
 
-    calls = []
+    outputs = []
     kernel = language.decode_attention
-    monkeypatch.setattr(language, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(language, "decode_attention", lambda *a: outputs.append(kernel(*a)) or outputs[-1])
     with_kernel = decode_logits()
-    assert len(calls) == 3 * cfg.num_layers
+    assert len(outputs) == 3 * cfg.num_layers and all(out is not None for out in outputs)
     monkeypatch.setattr(language, "decode_attention", lambda *a: None)
     with_sdpa = decode_logits()
     assert (with_kernel - with_sdpa).abs().max() <= 0.02 * with_sdpa.abs().max()

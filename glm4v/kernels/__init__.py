@@ -3,10 +3,10 @@
 Two builds, picked by the CPU: ``cpu_gemv.cpp`` for AVX512-BF16 + VNNI CPUs and ``cpu_gemv_avx2.cpp``
 for AVX2 + FMA CPUs without bf16 units. Each has bf16, int8 and int4 GEMVs for 1-4 token rows:
 torch's own decode kernels stream the weights at 35-75 % of the memory bandwidth on these CPUs, and
-on AVX2 torch has no int4 kernel for our layout at all (docs/PERFORMANCE.md). The AVX-512 build also
-has a decode-step attention over the KV cache with AMX tiles, used where the CPU has AMX (Sapphire
-Rapids and later): SDPA reads a cache that the step's weights pushed out of the CPU caches at a
-fraction of the bandwidth. ``cpu_common.h`` holds what both builds share.
+on AVX2 torch has no int4 kernel for our layout at all (docs/PERFORMANCE.md). Both also have a
+decode-step attention over the KV cache (the AVX-512 build's with AMX tiles, used where the CPU has
+AMX: Sapphire Rapids and later; the AVX2 build's in fp32): SDPA reads a cache that the step's
+weights pushed out of the CPU caches at a fraction of the bandwidth. ``cpu_common.h`` holds what both builds share.
 
 glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
@@ -330,14 +330,17 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """``softmax(q k^T / sqrt(D)) v`` of a decode step's query heads ``q`` [B, H, L, D] (L at most
-    ``MAX_ROWS``, no mask) against the cache's grouped keys and values [B, G, T, D], as
-    [B, L, H * D] bf16 in one kernel call (AVX-512 build on a CPU with AMX); or None. SDPA's flash
-    kernel reads a cache that the weights pushed out of the CPU caches at a fraction of the memory
-    bandwidth (docs/PERFORMANCE.md)."""
+    ``MAX_ROWS``, no mask) against the cache's grouped keys and values [B, G, T, D] (rows of D
+    contiguous, as cache views are), as [B, L, H * D] bf16 in one kernel call; or None. The AVX2
+    build computes it in fp32, the AVX-512 build with AMX tiles where the CPU has them. SDPA's
+    flash kernel reads a cache that the weights pushed out of the CPU caches at a fraction of the
+    memory bandwidth (docs/PERFORMANCE.md)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 32 or any(t.stride(-1) != 1 for t in (q, k, v)):
         return None
+    if k.stride(2) != k.shape[-1] or v.stride(2) != v.shape[-1]:
+        return None
     op = _decode_op("decode_attention", q.shape[2], q, k, v)
-    if op is None or not _amx_available():
+    if op is None or (cpu_kernels().kernel_set == "avx512bf16" and not _amx_available()):
         return None
     return op(q, k, v, q.shape[-1] ** -0.5)
 

@@ -340,4 +340,38 @@ struct Products {
   }
 };
 
+// ---- decode attention: the shape both builds' kernels take ---------------------------------
+// q [B, H, L, D], k and v [B, G, T, D] (bf16, any strides, the last dimension contiguous; k and v
+// are views of the KV cache): the H / G heads of group g share its keys and values, and the
+// heads x tokens of a group are one set of query rows (row = head offset * L + token).
+
+struct AttentionShape {
+  int64_t T, D, L, rep;
+  int64_t q_b, q_h, q_l;  // strides, in elements; the last dimension is contiguous
+  int64_t k_b, k_g, k_t, v_b, v_g, v_t;
+  float scale;
+  int64_t B, H, G;
+};
+
+inline AttentionShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                      double scale) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "decode_attention: bf16 CPU tensors only");
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "decode_attention: 4-d tensors with a contiguous last dimension");
+  }
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), G = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, "decode_attention: k and v [B, G, T, D] with q [B, H, L, D]");
+  TORCH_CHECK(G > 0 && H % G == 0 && T > 0 && L > 0 && D % 32 == 0, "decode_attention: H a multiple of G, T > 0, D a multiple of 32");
+  return AttentionShape{T, D, L, H / G, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                        v.stride(0), v.stride(1), v.stride(2), static_cast<float>(scale), B, H, G};
+}
+
+// Key ranges per task: one when there are tasks enough for the threads; otherwise (GLM-4 has 2
+// KV groups, so a batch of one gives 2 tasks) up to 64 ranges of at least 512 keys, whose parts
+// the kernel merges as flash-decoding does.
+inline int64_t attention_splits(int64_t tasks, int64_t T) {
+  const int64_t threads = at::get_num_threads();
+  return tasks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>({(threads + tasks - 1) / tasks, T / 512, 64}));
+}
+
 }  // namespace glm4v_kernels

@@ -309,13 +309,6 @@ bool amx_ready() {
   return ready;
 }
 
-struct AttentionShape {
-  int64_t T, D, L, rep;
-  int64_t q_b, q_h, q_l;  // strides, in elements; the last dimension is contiguous
-  int64_t k_b, k_g, k_t, v_b, v_g, v_t;
-  float scale;
-};
-
 // What one task leaves for the merge: per query row the largest score, the sum of exp(score -
 // that maximum), and the values weighted by those exponentials, o[c][r][16] (not yet divided).
 struct AttentionPart {
@@ -604,27 +597,17 @@ torch::Tensor swiglu(torch::Tensor h) {
 // and values. Needs AMX (amx_available()).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(amx_ready(), "decode_attention: AMX is not available");
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "decode_attention: bf16 CPU tensors only");
-    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "decode_attention: 4-d tensors with a contiguous last dimension");
-  }
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), G = k.size(1), T = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D, "decode_attention: k and v [B, G, T, D] with q [B, H, L, D]");
-  TORCH_CHECK(G > 0 && H % G == 0 && T > 0 && L > 0 && D % 32 == 0, "decode_attention: H a multiple of G, T > 0, D a multiple of 32");
-  AttentionShape a{T, D, L, H / G, q.stride(0), q.stride(1), q.stride(2),
-                   k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), static_cast<float>(scale)};
+  const AttentionShape a = attention_shape(q, k, v, scale);
+  const int64_t B = a.B, H = a.H, G = a.G, L = a.L, T = a.T, D = a.D;
   TORCH_CHECK(a.q_h % 2 == 0 && a.q_l % 2 == 0 && a.q_b % 2 == 0, "decode_attention: even query strides");
   auto out = torch::empty({B, L, H * D}, q.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  // One task per (batch row, group, 16 query rows); when that leaves threads idle (GLM-4 has 2
-  // KV groups, so a batch of one gives 2 tasks), the keys are split into up to 64 ranges of at
-  // least 512 and the parts merged.
+  // One task per (batch row, group, 16 query rows), cut into key ranges where that leaves threads idle.
   const int64_t rows = a.rep * L, chunks = (rows + kTileRows - 1) / kTileRows, tasks = B * G * chunks;
-  const int64_t threads = at::get_num_threads();
-  const int64_t splits = tasks >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>({(threads + tasks - 1) / tasks, T / 512, 64}));
+  const int64_t splits = attention_splits(tasks, T);
   const int64_t span = (T + splits - 1) / splits, o_floats = (D + 15) / 16 * kTileRows * 16;
   // (the calling thread's buffers, reached by pointer: a worker naming them would get its own)
   thread_local std::vector<float> o_keep;
