@@ -49,24 +49,13 @@ from torch import nn
 
 from glm4v.errors import CheckpointError, InputError
 from glm4v.kernels import MAX_ROWS as KERNEL_ROWS_PER_CALL
-from glm4v.kernels import cpu_kernels, scratch_buffer, upcast_helps
+from glm4v.kernels import TORCH_KERNELS_CROSSOVERS, cpu_kernels, gemv_max_tokens, scratch_buffer, upcast_helps
 
 FORMATS = ("bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_BLOCK_ROWS = 64
 CONFIG_KEY = "glm4v_quantization"
 
-# Up to this many tokens per step the weight-only kernel is used, above it the bf16 matmul on the
-# expanded weight. The kernels' time grows about linearly with the tokens (they are GEMV loops),
-# the expansion is a fixed cost per weight: int8 expands cheaply (one int8->bf16 copy, ~0.15-0.4 ns
-# per weight), int4 at ~0.5-1 ns per weight, so its kernel stays the better choice for longer.
-# Crossovers measured on a 2-core AVX-512/AMX Xeon, 4096x27392 and 13696x4096 (docs/PERFORMANCE.md).
-KERNEL_MAX_TOKENS = {"int8": 12, "int4": 32}
-# glm4v's AVX2 GEMVs keep winning far longer against the float32 matmul on the expanded weight (a
-# CPU without bf16 units): on a Zen 3 EPYC, 2 threads, 4 rows a pass, 27392x4096 at 128 rows int8
-# 207 vs 347 ms, int4 205 vs 443; at 512 rows still 711 vs 860 and 713 vs 935; 4096x13696 at 256
-# rows int8 199 vs 204 (docs/PERFORMANCE.md). 128 leaves a margin for CPUs not measured.
-AVX2_KERNEL_MAX_TOKENS = {"int8": 128, "int4": 128}
 # Largest slice of an expanded weight, in elements (64 MB of bf16): big enough for matmuls near the
 # peak and few passes per layer, small enough to stay a fixed, small scratch buffer.
 EXPAND_CHUNK_ELEMENTS = 32 * 1024 * 1024
@@ -273,11 +262,9 @@ class QuantizedLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
     def max_kernel_tokens(self, x: torch.Tensor) -> int:
-        """Up to how many token rows a step of ``x`` goes through the weight-only kernel."""
-        module = cpu_kernels()
-        if getattr(module, "kernel_set", None) == "avx2" and self._own_kernel(x) is not None:
-            return AVX2_KERNEL_MAX_TOKENS[self.format]
-        return KERNEL_MAX_TOKENS[self.format]
+        """Up to how many token rows a step of ``x`` goes through the weight-only kernel, above it
+        the matmul on the expanded weight (``glm4v.kernels.GEMV_MAX_TOKENS``)."""
+        return gemv_max_tokens(self.format, None if self._own_kernel(x) is not None else TORCH_KERNELS_CROSSOVERS)
 
     def _kernel_available(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or self.weight.device.type != "cpu":

@@ -197,7 +197,7 @@ def test_avx2_build_takes_short_bf16_prefills_in_passes(rows, monkeypatch):
 def test_declines_what_it_does_not_cover():
     w = torch.randn(8, 32).to(torch.bfloat16)
     assert bf16_linear(torch.randn(1, 32), w) is None  # fp32 activations
-    many = glm4v.kernels.AVX2_BF16_GEMV_MAX_TOKENS + 1
+    many = glm4v.kernels.gemv_max_tokens("bf16") + 1
     assert bf16_linear(torch.randn(many, 32).to(torch.bfloat16), w) is None  # a prefill's rows
     assert bf16_linear(torch.randn(1, 32).to(torch.bfloat16), w.t().contiguous().t()) is None  # strided weight
     trainable = torch.nn.Parameter(w.clone())
@@ -330,17 +330,15 @@ def test_rope_into_cache_is_bitwise_the_model_steps(kernel_set, batch, tokens, s
         kernels_of(kernel_set).rope_into_cache(qkv, rope, got_k[1], got_v[1], slots - tokens + 1, heads, groups)
 
 
-@needs_kernels
+@every_build
 @pytest.mark.parametrize("rows,features", [(1, 13696), (4, 40), (2, 7)])
-def test_swiglu_matches_the_model_activation(rows, features):
+def test_swiglu_matches_the_model_activation(kernel_set, rows, features):
     from glm4v.kernels import decode_swiglu
 
-    if not hasattr(cpu_kernels(), "swiglu"):
-        pytest.skip("the fused SwiGLU is in the AVX-512 build only")
     gen = torch.Generator().manual_seed(features)
     h = (torch.randn(1, rows, 2 * features, generator=gen) * 4).to(torch.bfloat16)
     h.view(-1)[:4] = torch.tensor([100.0, -100.0, 0.0, -20.0])  # exp over- and underflow, silu(0) = 0
-    got = decode_swiglu(h)
+    got = kernels_of(kernel_set).swiglu(h)
     gate, up = h.chunk(2, dim=-1)
     want = F.silu(gate) * up
     assert got.shape == want.shape and got.dtype == torch.bfloat16
@@ -348,6 +346,8 @@ def test_swiglu_matches_the_model_activation(rows, features):
     assert (got != want).float().mean().item() <= 0.01
     assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-30)
     assert decode_swiglu(torch.randn(1, 5, 8).to(torch.bfloat16)) is None  # more rows than a decode step
+    if kernel_set == cpu_kernels().kernel_set:
+        assert torch.equal(decode_swiglu(h), got)  # the model's entry takes this CPU's build
 
 
 def test_disabled_by_environment():
@@ -374,7 +374,7 @@ def test_prefill_sized_bf16_products_run_in_float32_where_bf16_is_emulated(emula
     w = torch.randn(40, 96, generator=gen).to(torch.bfloat16)
     b = torch.randn(40, generator=gen).to(torch.bfloat16)
     # more rows than the AVX2 bf16 GEMV takes in passes, over a batch of 2
-    x = torch.randn(2, k.AVX2_BF16_GEMV_MAX_TOKENS // 2 + 1, 96, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, k.GEMV_MAX_TOKENS["avx2"]["bf16"] // 2 + 1, 96, generator=gen).to(torch.bfloat16)
     want = F.linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(k.upcast_linear(x, w, b), want)

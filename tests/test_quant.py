@@ -132,8 +132,9 @@ def test_kernel_is_picked_by_tokens_per_step(monkeypatch, kernel_ok, own_kernel)
     monkeypatch.setattr(QuantizedLinear, "_expand_and_matmul",
                         lambda self, x: calls.append(("expand", x.shape[0])) or real_expand(self, x))
     limit = layer.max_kernel_tokens(torch.zeros(1, 128, dtype=torch.bfloat16))
-    assert limit == (quant.AVX2_KERNEL_MAX_TOKENS["int4"] if own_kernel and getattr(
-        glm4v.kernels.cpu_kernels(), "kernel_set", None) == "avx2" else quant.KERNEL_MAX_TOKENS["int4"])
+    crossovers = glm4v.kernels.GEMV_MAX_TOKENS
+    assert limit == (crossovers["avx2"]["int4"] if own_kernel and getattr(
+        glm4v.kernels.cpu_kernels(), "kernel_set", None) == "avx2" else crossovers["avx512bf16"]["int4"])
     for m in (1, quant.KERNEL_ROWS_PER_CALL, limit, limit + 1, 500):
         layer(torch.randn(m, 128, dtype=torch.bfloat16))
     small = "kernel" if kernel_ok or own_kernel else "expand"

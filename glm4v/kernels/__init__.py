@@ -297,27 +297,47 @@ def decode_rope_into_cache(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch
 
 def decode_swiglu(h: torch.Tensor) -> torch.Tensor | None:
     """``silu(gate) * up`` of a decode step's ``[gate | up]`` rows (bf16, at most ``MAX_ROWS``) in one
-    kernel call (AVX-512 build), with the same two bf16 roundings as torch's ops; or None."""
+    kernel call, with the same two bf16 roundings as torch's ops; or None."""
     if h.dim() == 0 or h.shape[-1] % 2:
         return None
     op = _decode_op("swiglu", _tokens(h), h)
     return None if op is None else op(h)
 
 
-# The AVX2 build's bf16 GEMV, MAX_ROWS rows a pass, against the float32 product of upcast_linear
-# (which widens the weight first): on a Zen 3 EPYC, 2 threads, 27392x4096 at 48 rows 99 vs 156 ms,
-# at 128 rows even (350 vs 352); 4096x13696 at 16 rows 21 vs 53, at 64 even (88 vs 84).
-AVX2_BF16_GEMV_MAX_TOKENS = 48
+# Up to how many token rows a product goes through glm4v's GEMVs (MAX_ROWS rows a pass), per build
+# and weight format; above, the alternative wins: for int8/int4 a matmul on the expanded weight, for
+# bf16 the plain product. The GEMVs' time grows about linearly with the rows, the expansion is a
+# fixed cost per weight (int8 ~0.15-0.4 ns a weight, int4 ~0.5-1 ns, so int4's GEMV stays ahead
+# longer). docs/PERFORMANCE.md has the measurements.
+#   avx512bf16: a 2-core AVX-512/AMX Xeon, 4096x27392 and 13696x4096, the alternative a bf16 matmul
+#     on AMX. These crossovers also hold for torch's own int8/int4 kernels where glm4v's are not built.
+#   avx2: a 2-core Zen 3 EPYC, where the alternative is a float32 product after widening the weight:
+#     bf16 27392x4096 at 48 rows 99 vs 156 ms, at 128 even (350 vs 352), 4096x13696 at 16 rows 21 vs
+#     53, at 64 even; int8 27392x4096 at 128 rows 207 vs 347 ms, int4 205 vs 443, at 512 rows still
+#     711 vs 860 and 713 vs 935; 4096x13696 at 256 rows int8 199 vs 204. 128 leaves a margin for
+#     CPUs not measured.
+GEMV_MAX_TOKENS = {
+    "avx512bf16": {"bf16": MAX_ROWS, "int8": 12, "int4": 32},
+    "avx2": {"bf16": 48, "int8": 128, "int4": 128},
+}
+TORCH_KERNELS_CROSSOVERS = "avx512bf16"
+
+
+def gemv_max_tokens(fmt: str, kernel_set: str | None = None) -> int:
+    """Up to how many token rows a ``fmt`` product takes the GEMV of build ``kernel_set`` (default:
+    this CPU's; torch's own kernels, where glm4v's are not built, take the AVX-512 crossovers)."""
+    chosen = kernel_set or getattr(cpu_kernels(), "kernel_set", None) or TORCH_KERNELS_CROSSOVERS
+    return GEMV_MAX_TOKENS[chosen][fmt]
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ weight.T (+ bias) with the decode kernel, or None when the kernel does not apply.
 
-    Up to MAX_ROWS rows in one call; with the AVX2 build (bf16 emulated, so the alternative is a
-    float32 product), up to AVX2_BF16_GEMV_MAX_TOKENS rows in passes of MAX_ROWS.
+    Up to MAX_ROWS rows in one call, up to ``gemv_max_tokens("bf16")`` in passes of MAX_ROWS (the
+    AVX2 build, where bf16 is emulated and the alternative is a float32 product).
     """
     rows = _tokens(x)
-    passes = MAX_ROWS < rows <= AVX2_BF16_GEMV_MAX_TOKENS and getattr(cpu_kernels(), "kernel_set", None) == "avx2"
+    passes = MAX_ROWS < rows <= gemv_max_tokens("bf16")
     op = _decode_op("bf16_gemv", MAX_ROWS if passes else rows, x, weight) if weight.is_contiguous() else None
     if op is None:
         return None

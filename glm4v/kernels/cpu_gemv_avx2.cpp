@@ -218,10 +218,11 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
 
 constexpr int kAttentionRows = 4;
 
-// e^x over the whole fp32 range: 2^n * e^r with |r| <= ln2 / 2, degree-7 Taylor (as the AVX-512
-// build's); x is first clamped to [-87, 88], where 2^n is a normal float. NaN stays NaN.
+// e^x: 2^n * e^r with |r| <= ln2 / 2, degree-7 Taylor (as the AVX-512 build's). x is first clamped
+// to [-87, 89]: below -87 the result stays at e^-87 (~1.6e-38, where 2^n is still a normal float;
+// expf would go on into subnormals), from 88.4 on it is inf (expf: from 88.72). NaN stays NaN.
 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
+  x = _mm256_min_ps(_mm256_set1_ps(89.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
@@ -236,6 +237,27 @@ inline __m256 exp_ps(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+}
+
+// ---- SwiGLU ---------------------------------------------------------------------------------
+// silu(gate) * up for a decode step's rows with the model's two bf16 roundings (silu's result,
+// then the product), as F.silu and the bf16 multiply round them (the AVX-512 build's, 8 lanes).
+// Eight torch ops' dispatch cost ~40 us a layer here, the kernel a few.
+
+inline __m256 load_bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// fp32 -> the bits of the nearest bf16 (ties to even), in the low half of each lane
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+}
+
+inline __m256 silu_times(__m256 gate, __m256 up) {
+  const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
+  return _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(silu), 16)), up);
 }
 
 // What one task leaves for the merge, in one block of floats: the weighted values o[rows][D] (even/odd
@@ -271,6 +293,19 @@ inline std::pair<float, float> exp_row(float* s, int64_t n) {
   return {top, total};
 }
 
+// Keys are taken kKeyChunk at a time by every query row (their rows, 8 KB at D = 128, stay in L1),
+// and the cache rows kPrefetchChunks chunks ahead are requested meanwhile. The cache arrives cold:
+// the step's weights pushed it out of every CPU cache, and without the requests the two passes
+// read it at ~5 GB/s (latency-bound: too little work per line for the hardware prefetcher).
+constexpr int64_t kKeyChunk = 32, kPrefetchChunks = 4;
+
+template <int Hint>
+inline void prefetch_rows(const uint16_t* base, int64_t D, int64_t from, int64_t to) {
+  const char* end = reinterpret_cast<const char*>(base + to * D);
+  for (const char* line = reinterpret_cast<const char*>(base + from * D); line < end; line += 64)
+    _mm_prefetch(line, static_cast<_mm_hint>(Hint));
+}
+
 void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, const AttentionShape& a, int64_t b,
                     int64_t g, int64_t t_begin, int64_t t_end, float* part) {
   const int64_t D = a.D, n = t_end - t_begin, rows = a.rep * a.L;
@@ -288,34 +323,49 @@ void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, con
       }
   }
   const uint16_t* keys = k + b * a.k_b + g * a.k_g + t_begin * a.k_t;
-  for (int64_t r0 = 0; r0 < padded; r0 += kAttentionRows)
-    for (int64_t t = 0; t < n; t += 2)
-      bf16_rows<kAttentionRows, 2>(qs + r0 * D, qs + r0 * D, keys, s + r0 * n, D, n, t, (int)std::min<int64_t>(2, n - t));
+  const uint16_t* vals = v + b * a.v_b + g * a.v_g + t_begin * a.v_t;
+  const int64_t ahead = kPrefetchChunks * kKeyChunk;
+  prefetch_rows<_MM_HINT_T0>(keys, D, 0, std::min(n, ahead));
+  for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
+    const int64_t c1 = std::min(n, c0 + kKeyChunk);
+    prefetch_rows<_MM_HINT_T0>(keys, D, std::min(n, c0 + ahead), std::min(n, c1 + ahead));
+    prefetch_rows<_MM_HINT_T1>(vals, D, c0, c1);  // for pass 2, while this pass computes
+    for (int64_t r0 = 0; r0 < padded; r0 += kAttentionRows)
+      for (int64_t t = c0; t < c1; t += 2)
+        bf16_rows<kAttentionRows, 2>(qs + r0 * D, qs + r0 * D, keys, s + r0 * n, D, n, t, (int)std::min<int64_t>(2, c1 - t));
+  }
   float *o = part, *top = part + padded * D, *total = top + padded;
   for (int64_t r = 0; r < rows; ++r) std::tie(top[r], total[r]) = exp_row(s + r * n, n);
 
-  const uint16_t* vals = v + b * a.v_b + g * a.v_g + t_begin * a.v_t;
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t r0 = 0; r0 < padded; r0 += kAttentionRows)
-    for (int64_t d = 0; d < D; d += 16) {
-      __m256 even[kAttentionRows], odd[kAttentionRows];
-      for (int i = 0; i < kAttentionRows; ++i) even[i] = odd[i] = _mm256_setzero_ps();
-      const float* p = s + r0 * n;
-      for (int64_t t = 0; t < n; ++t) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + t * a.v_t + d));
-        const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-        const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+  std::fill(o, o + padded * D, 0.f);
+  for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
+    const int64_t c1 = std::min(n, c0 + kKeyChunk);
+    prefetch_rows<_MM_HINT_T0>(vals, D, std::min(n, c0 + kKeyChunk), std::min(n, c1 + kKeyChunk));
+    for (int64_t r0 = 0; r0 < padded; r0 += kAttentionRows)
+      for (int64_t d = 0; d < D; d += 16) {
+        __m256 even[kAttentionRows], odd[kAttentionRows];
         for (int i = 0; i < kAttentionRows; ++i) {
-          const __m256 pi = _mm256_broadcast_ss(p + i * n + t);
-          even[i] = _mm256_fmadd_ps(pi, ve, even[i]);
-          odd[i] = _mm256_fmadd_ps(pi, vo, odd[i]);
+          even[i] = _mm256_loadu_ps(o + (r0 + i) * D + d);
+          odd[i] = _mm256_loadu_ps(o + (r0 + i) * D + d + 8);
+        }
+        const float* p = s + r0 * n;
+        for (int64_t t = c0; t < c1; ++t) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + t * D + d));
+          const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+          const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(w, high));
+          for (int i = 0; i < kAttentionRows; ++i) {
+            const __m256 pi = _mm256_broadcast_ss(p + i * n + t);
+            even[i] = _mm256_fmadd_ps(pi, ve, even[i]);
+            odd[i] = _mm256_fmadd_ps(pi, vo, odd[i]);
+          }
+        }
+        for (int i = 0; i < kAttentionRows; ++i) {
+          _mm256_storeu_ps(o + (r0 + i) * D + d, even[i]);
+          _mm256_storeu_ps(o + (r0 + i) * D + d + 8, odd[i]);
         }
       }
-      for (int i = 0; i < kAttentionRows; ++i) {
-        _mm256_storeu_ps(o + (r0 + i) * D + d, even[i]);
-        _mm256_storeu_ps(o + (r0 + i) * D + d + 8, odd[i]);
-      }
-    }
+  }
 }
 
 // The parts of one (batch row, group) over consecutive key ranges -> its output rows: each part
@@ -447,6 +497,37 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   return out.finish();
 }
 
+// h [..., 2F] bf16 = [gate | up] -> silu(gate) * up [..., F] bf16 (decode steps).
+torch::Tensor swiglu(torch::Tensor h) {
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.device().is_cpu(), "swiglu: a bf16 CPU tensor");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) % 2 == 0, "swiglu: the last dimension holds [gate | up]");
+  const auto hc = h.contiguous();
+  const int64_t F = hc.size(-1) / 2, rows = F ? hc.numel() / (2 * F) : 0;
+  auto sizes = hc.sizes().vec();
+  sizes.back() = F;
+  auto out = torch::empty(sizes, hc.options());
+  const auto* hp = reinterpret_cast<const uint16_t*>(hc.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t *gate = hp + r * 2 * F, *up = gate + F;
+    int64_t f = 0;
+    for (; f + 8 <= F; f += 8) {
+      const __m256i bits = bf16_bits(silu_times(load_bf16x8(gate + f), load_bf16x8(up + f)));
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(op + r * F + f), packed);
+    }
+    if (f < F) {  // the last few, through a zero-padded block of 8
+      uint16_t g8[8] = {}, u8[8] = {}, o8[8];
+      std::memcpy(g8, gate + f, (F - f) * sizeof(uint16_t));
+      std::memcpy(u8, up + f, (F - f) * sizeof(uint16_t));
+      const __m256i bits = bf16_bits(silu_times(load_bf16x8(g8), load_bf16x8(u8)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o8), _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+      std::memcpy(op + r * F + f, o8, (F - f) * sizeof(uint16_t));
+    }
+  }
+  return out;
+}
+
 // q [B, H, L, D], k and v [B, G, T, D] bf16 (see AttentionShape; each key and value row contiguous,
 // D a multiple of 32) -> softmax(q k^T * scale) v as [B, L, H * D] bf16, the layout the output
 // projection takes.
@@ -480,6 +561,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &glm4v_kernels::rms_norm, "RMSNorm of bf16 rows with a bf16 weight (decode steps)");
   m.def("rope", &glm4v_kernels::rope_bf16, "RoPE of a decode step's heads in bf16, rounded as torch's ops round");
   m.def("rope_into_cache", &glm4v_kernels::rope_into_cache, "a decode step's q rotated; its rotated keys and values written into the cache");
+  m.def("swiglu", &swiglu, "silu(gate) * up of bf16 rows [gate | up], rounded as torch's ops round (decode steps)");
   m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v of a decode step's few tokens against the KV cache, grouped heads (AVX2)");
   m.def("bf16_gemv", &bf16_gemv, "x [M<=4, K] bf16 @ w[N, K]^T bf16 -> [M, N] bf16 (AVX2)");
   m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX2)");
