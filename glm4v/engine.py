@@ -230,10 +230,14 @@ def add_model_arguments(parser, default_device: str | None = "cpu") -> None:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (config.json's torch_dtype; float32 for a "
                              "small model on a CPU without bf16 units)")
     parser.add_argument("--device", default=default_device, help="cpu, cuda, cuda:1 ...")
+    add_quantize_arguments(parser)
+    parser.add_argument("--lora", default=None, metavar="DIR", help="a LoRA adapter folder (glm4v train --lora) to apply")
+
+
+def add_quantize_arguments(parser) -> None:
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
                         help="weight-only quantisation while loading (a GLM-4V-9B in bf16 needs 28 GB; int8 ~15, int4 ~9)")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128 or 256)")
-    parser.add_argument("--lora", default=None, metavar="DIR", help="a LoRA adapter folder (glm4v train --lora) to apply")
 
 
 def load_from_args(args, progress: bool = False) -> "Pipeline":

@@ -160,3 +160,19 @@ def test_full_test_split_meets_the_bar(full_split_report):
     report, _ = full_split_report
     assert report["overall"] >= 0.9 and min(report["skills"].values()) >= 0.8, format_table(report)
     assert abs(report["languages"]["en"] - report["languages"]["zh"]) <= 0.05
+
+
+def test_eval_synth_evaluates_a_quantised_model(capsys, monkeypatch):
+    """--quantize loads the model as `glm4v chat --quantize` does, and the answers come from it."""
+    from glm4v.quant import QuantizedLinear
+
+    loaded = []
+    real_load = glm4v.load
+    monkeypatch.setattr(glm4v, "load", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
+    assert eval_synth.run(args(model=str(TINY_DIR), json=True, num=12, quantize="int8")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 12 and 0.0 <= result["overall"] <= 1.0
+    layers = [m for m in loaded[0].model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.format == "int8" for m in layers)
+    with pytest.raises(glm4v.InputError):
+        eval_synth.run(args(model=str(TINY_DIR), quantize="int4", group_size=100))

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 import torch
 
+from glm4v.engine import add_quantize_arguments
 from glm4v.errors import InputError
 from glm4v.generate import GenerationConfig, generate_steps
 from glm4v.image import ImageProcessor, load_image
@@ -186,6 +187,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N conversations")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (weights and activations)")
+    add_quantize_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--show-errors", type=int, default=0, metavar="N", help="print N wrong answers")
@@ -200,7 +202,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     kwargs = {"lora": args.lora} if args.lora else {}
-    pipe = glm4v.load(args.model, dtype=args.dtype, **kwargs)
+    pipe = glm4v.load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, **kwargs)
     if args.data:
         from glm4v.train.data import read_jsonl
 
