@@ -6,7 +6,8 @@ torch's own decode kernels stream the weights at 35-75 % of the memory bandwidth
 on AVX2 torch has no int4 kernel for our layout at all (docs/PERFORMANCE.md). Both also have a
 decode-step attention over the KV cache (the AVX-512 build's with AMX tiles, used where the CPU has
 AMX: Sapphire Rapids and later; the AVX2 build's in fp32): SDPA reads a cache that the step's
-weights pushed out of the CPU caches at a fraction of the bandwidth. ``cpu_common.h`` holds what both builds share.
+weights pushed out of the CPU caches at a fraction of the bandwidth. ``cpu_common.h`` holds what
+both builds share.
 
 glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
