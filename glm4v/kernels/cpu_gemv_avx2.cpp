@@ -206,14 +206,15 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
 
 // ---- decode attention -----------------------------------------------------------------------
 // softmax(q k^T * scale) v for a decode step's few query tokens against the KV cache, in fp32.
-// Why not SDPA: on a Zen 3 EPYC (2 threads) its flash kernel took ~0.74 ms a layer for a
-// 1,660-token GLM-4 cache whose lines the step's weights had pushed out to memory, a sixth of an
-// int4 layer's time, though the products are only ~27 MFLOP and the cache ~1.7 MB.
+// Why not SDPA: inside decode steps on a Zen 3 EPYC (2 threads, a 1,660-token GLM-4 cache that the
+// step's weights had pushed out to memory) its flash kernel took 0.48-0.55 ms a layer, this one
+// 0.43 (docs/PERFORMANCE.md). Both are compute-bound: ~27 MFLOP in fp32, no bf16 dot product here.
 // One task per (batch row, group, key range); the group's H/G heads x L tokens are its query rows.
 // Pass 1: scores, 4 query rows at a time, are bf16_rows above with the keys as the weight rows
 //   (q scaled, in its even/odd layout). Softmax in fp32: exp(s - max), max and sum per row.
-// Pass 2: o = p v, 4 query rows x 16 dimensions of v per sweep over the keys, kept in the same
-//   even/odd layout (one load and two bit operations per 16 values) until the merge.
+// Pass 2: o = p v, 4 query rows x 16 dimensions of v per sweep over a chunk of keys, kept in the
+//   same even/odd layout (one load and two bit operations per 16 values) until the merge.
+// Both passes take the keys kKeyChunk at a time (below).
 // Everything is summed in fp32, p included (SDPA rounds it to bf16 for the product with v).
 
 constexpr int kAttentionRows = 4;
@@ -242,7 +243,7 @@ inline __m256 exp_ps(__m256 x) {
 // ---- SwiGLU ---------------------------------------------------------------------------------
 // silu(gate) * up for a decode step's rows with the model's two bf16 roundings (silu's result,
 // then the product), as F.silu and the bf16 multiply round them (the AVX-512 build's, 8 lanes).
-// Eight torch ops' dispatch cost ~40 us a layer here, the kernel a few.
+// torch's silu and multiply on bf16 (emulated here) cost ~40 us a layer, the kernel a few.
 
 inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
