@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -594,3 +595,28 @@ def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
     monkeypatch.setattr(language, "decode_attention", lambda *a: None)
     with_sdpa = decode_logits()
     assert (with_kernel - with_sdpa).abs().max() <= 0.02 * with_sdpa.abs().max()
+
+
+def _transparent_huge_pages_on() -> bool:
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in setting or "[madvise]" in setting
+
+
+def test_importing_glm4v_first_puts_large_tensors_on_huge_pages():
+    """glm4v asks torch's allocator for transparent huge pages (a user's own setting wins)."""
+    code = ("import glm4v, os, re, torch\n"
+            "t = torch.empty(16 << 20); t.fill_(1.0)\n"
+            "huge = int(re.search(r'AnonHugePages:\\s+(\\d+)', open('/proc/self/smaps_rollup').read()).group(1))\n"
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], huge)\n")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    setting, huge_kb = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      timeout=120, check=True).stdout.split()
+    assert setting == "1"
+    if _transparent_huge_pages_on() and Path("/proc/self/smaps_rollup").exists():
+        assert int(huge_kb) >= 32 * 1024  # most of the 64 MB tensor
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
+                          text=True, timeout=120, check=True).stdout.split()
+    assert kept == ["0", "0"]
