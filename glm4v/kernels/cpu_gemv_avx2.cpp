@@ -256,6 +256,12 @@ inline __m256i bf16_bits(__m256 v) {
   return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
 }
 
+// eight products -> eight bf16 values at dst (ties to even)
+inline void store_bf16x8(uint16_t* dst, __m256 v) {
+  const __m256i bits = bf16_bits(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+
 inline __m256 silu_times(__m256 gate, __m256 up) {
   const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate))));
   return _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(silu), 16)), up);
@@ -263,10 +269,12 @@ inline __m256 silu_times(__m256 gate, __m256 up) {
 
 // What one task leaves for the merge, in one block of floats: the weighted values o[rows][D] (even/odd
 // layout, not yet divided), then per row the largest score and the sum of exp(score - it).
-inline int64_t part_floats(const AttentionShape& a) {
-  const int64_t rows = (a.rep * a.L + kAttentionRows - 1) / kAttentionRows * kAttentionRows;
-  return rows * (a.D + 2);
+// A group's query rows, rounded up to whole passes of kAttentionRows (the extra rows are zero).
+inline int64_t padded_rows(const AttentionShape& a) {
+  return (a.rep * a.L + kAttentionRows - 1) / kAttentionRows * kAttentionRows;
 }
+
+inline int64_t part_floats(const AttentionShape& a) { return padded_rows(a) * (a.D + 2); }
 
 // Softmax numerators of one row of scores in place; returns (max, sum).
 inline std::pair<float, float> exp_row(float* s, int64_t n) {
@@ -309,8 +317,7 @@ inline void prefetch_rows(const uint16_t* base, int64_t D, int64_t from, int64_t
 
 void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, const AttentionShape& a, int64_t b,
                     int64_t g, int64_t t_begin, int64_t t_end, float* part) {
-  const int64_t D = a.D, n = t_end - t_begin, rows = a.rep * a.L;
-  const int64_t padded = (rows + kAttentionRows - 1) / kAttentionRows * kAttentionRows;
+  const int64_t D = a.D, n = t_end - t_begin, rows = a.rep * a.L, padded = padded_rows(a);
   thread_local std::vector<float> qs_keep, s_keep;
   qs_keep.assign(padded * D, 0.f);  // rows past `rows` stay 0
   s_keep.resize(padded * n);
@@ -374,8 +381,7 @@ void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, con
 // rounded to bf16. With one part this is o / total.
 void merge_parts(const float* parts, int64_t count, int64_t stride, const AttentionShape& a, int64_t b, int64_t g,
                  uint16_t* out) {
-  const int64_t D = a.D, rows = a.rep * a.L;
-  const int64_t padded = (rows + kAttentionRows - 1) / kAttentionRows * kAttentionRows;
+  const int64_t D = a.D, rows = a.rep * a.L, padded = padded_rows(a);
   thread_local std::vector<float> row_keep;
   row_keep.resize(D);
   float* row = row_keep.data();
@@ -512,17 +518,12 @@ torch::Tensor swiglu(torch::Tensor h) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t *gate = hp + r * 2 * F, *up = gate + F;
     int64_t f = 0;
-    for (; f + 8 <= F; f += 8) {
-      const __m256i bits = bf16_bits(silu_times(load_bf16x8(gate + f), load_bf16x8(up + f)));
-      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(op + r * F + f), packed);
-    }
+    for (; f + 8 <= F; f += 8) store_bf16x8(op + r * F + f, silu_times(load_bf16x8(gate + f), load_bf16x8(up + f)));
     if (f < F) {  // the last few, through a zero-padded block of 8
       uint16_t g8[8] = {}, u8[8] = {}, o8[8];
       std::memcpy(g8, gate + f, (F - f) * sizeof(uint16_t));
       std::memcpy(u8, up + f, (F - f) * sizeof(uint16_t));
-      const __m256i bits = bf16_bits(silu_times(load_bf16x8(g8), load_bf16x8(u8)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o8), _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+      store_bf16x8(o8, silu_times(load_bf16x8(g8), load_bf16x8(u8)));
       std::memcpy(op + r * F + f, o8, (F - f) * sizeof(uint16_t));
     }
   }
