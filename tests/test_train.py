@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -360,6 +361,50 @@ def test_recipe_command_runs_end_to_end_and_keeps_autocast_off_where_bf16_is_emu
     assert 0 < again["train_seconds"] == kept["train_seconds"] <= summary["train_seconds"]
     assert again["restarts"][0]["train_seconds"] == restarted["train_seconds"] > 0
     assert again["train_seconds_from_step"] == 0
+
+
+def test_a_recipe_carried_without_its_checkpoints_continues_from_the_latest_finished_stage(tmp_path, capsys):
+    """A long recipe moves between machines with the latest finished stage's model and the stage
+    records only: the finished stages are not trained again, and a changed setting is refused."""
+    from glm4v.cli import main
+    from glm4v.train.cli import STAGE_RECORD
+
+    out = tmp_path / "smoke"
+    flags = ["train", "--recipe", "smoke", "--out", str(out), "--steps", "4", "--eval-every", "0", "--save-every", "2"]
+    assert main(flags) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    final = (out / "restart" / "model" / "model-00001-of-00001.safetensors").read_bytes()
+    records = [json.loads((out / d / STAGE_RECORD).read_text()) for d in (".", "restart")]
+    assert records[0]["settings"]["steps"] == 4 and records[1]["settings"]["steps"] == RECIPES["smoke"].restarts[0].steps
+    assert records[1]["result"]["train_seconds"] == summary["restarts"][0]["train_seconds"]
+    assert "out_dir" not in records[0]["settings"]  # the run may live elsewhere on the next machine
+
+    # what a move carries: the data is regenerated, stage 1's weights, stage 2's model and every
+    # checkpoint stay behind
+    for gone in ("checkpoints", "restart/checkpoints", "model", "vision.safetensors", "base", "data"):
+        shutil.rmtree(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    capsys.readouterr()
+    assert main(flags + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 2: finished before" in printed and "stage 2b: finished before" in printed
+    assert "warm restart" not in printed and not (out / "checkpoints").exists()  # nothing trained
+    again = json.loads((out / "summary.json").read_text())
+    assert (out / "restart" / "model" / "model-00001-of-00001.safetensors").read_bytes() == final
+    assert again["eval"] == summary["eval"] and again["restarts"] == summary["restarts"]
+    assert again["train_seconds"] == summary["train_seconds"] and "vision_pretrain" in again
+    assert "training time (min, across resumes): stage 1 " in printed and ", 2b " in printed
+
+    # a stage whose record says it ran with other settings is not taken as this recipe's
+    record = records[1]
+    record["settings"]["lr"] = 1.0
+    (out / "restart" / STAGE_RECORD).write_text(json.dumps(record))
+    assert main(flags + ["--resume"]) == 1
+    assert "stage 2b finished with lr=1.0 (now " in capsys.readouterr().err
+
+    # the stage that has to train next needs the model it starts from
+    (out / "restart" / STAGE_RECORD).unlink()
+    assert main(flags + ["--resume"]) == 1
+    assert f"stage 2b trains from {out / 'model'}, which is gone" in capsys.readouterr().err
 
 
 def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path, capsys):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -170,25 +171,40 @@ def run_recipe(args) -> int:
         check_resume_config(out, cfg)
     from glm4v.tokenizer import load_tokenizer
 
-    model = new_model(base, cfg.seed).to(args.device)
-    vision_steps = recipe.vision_pretrain_steps if args.vision_pretrain_steps is None else args.vision_pretrain_steps
-    stage1 = None
-    if vision_steps:
-        stage1 = _vision_stage(model, out, data_dir, recipe, vision_steps, resume=args.resume)
-    trainer = Trainer(model, load_tokenizer(base), base, cfg)
-    if args.resume:
-        trainer.resume()
-    result = trainer.train()
-    if stage1 is not None:
-        result["vision_pretrain"] = stage1
-    final = trainer.export(out / "model", _dtype(cfg.save_dtype))
-    del trainer, model
+    final = out / "model"
+    result = finished_stage(out, cfg, "stage 2") if args.resume else None
+    if result is not None:
+        stage1 = result.get("vision_pretrain")
+    else:
+        model = new_model(base, cfg.seed).to(args.device)
+        vision_steps = recipe.vision_pretrain_steps if args.vision_pretrain_steps is None else args.vision_pretrain_steps
+        stage1 = None
+        if vision_steps:
+            stage1 = _vision_stage(model, out, data_dir, recipe, vision_steps, resume=args.resume)
+        trainer = Trainer(model, load_tokenizer(base), base, cfg)
+        if args.resume:
+            trainer.resume()
+        result = trainer.train()
+        if stage1 is not None:
+            result["vision_pretrain"] = stage1
+        trainer.export(final, _dtype(cfg.save_dtype))
+        record_stage(out, cfg, result)
+        del trainer, model
     done = []
     for k, restart in enumerate(recipe.restarts[:n_restarts]):
-        stage_out = out / restart_folder(k)
-        print(f"warm restart {k + 1}/{n_restarts} from {final}: {restart.steps} steps, peak lr {restart.lr:g}, "
-              f"seed {restart.seed} -> {stage_out}", flush=True)
-        final, stage_result = _warm_restart(args, final, restart_config(cfg, restart, stage_out))
+        stage_out, stage_cfg = out / restart_folder(k), restart_config(cfg, restart, out / restart_folder(k))
+        name = f"stage 2{chr(ord('b') + k)}"
+        stage_result = finished_stage(stage_out, stage_cfg, name) if args.resume else None
+        if stage_result is None:
+            if not final.is_dir():
+                raise InputError(f"{name} trains from {final}, which is gone (only the latest finished stage's "
+                                 "model has to be kept when a run moves to another machine)")
+            print(f"warm restart {k + 1}/{n_restarts} from {final}: {restart.steps} steps, peak lr {restart.lr:g}, "
+                  f"seed {restart.seed} -> {stage_out}", flush=True)
+            final, stage_result = _warm_restart(args, final, stage_cfg)
+            record_stage(stage_out, stage_cfg, stage_result)
+        else:
+            final = stage_out / "model"
         done.append(stage_result)
     if done:
         result["restarts"] = done
@@ -210,6 +226,45 @@ def stage_times(stage1: dict | None, stage2: dict, restarts: list[dict]) -> str:
         parts.append(f"{name} {seconds / 60:.1f}" + (f" (from step {counted_from})" if counted_from else ""))
     note = "; a stage counted from a later step resumed a checkpoint that did not keep the time" if partial else ""
     return f"training time (min, across resumes): {', '.join(parts)}; {total / 60:.1f} in all{note}"
+
+
+# Written next to a stage's checkpoints once its model is exported. With it, the stage's
+# checkpoints (its optimizer state: ~6x the model) can go: a recipe of many hours can move to
+# another machine carrying the latest finished stage's model folder and the small records only.
+STAGE_RECORD = "stage.json"
+# where the run lives may change between machines; what it trains may not
+_PATH_SETTINGS = ("out_dir", "train_data", "val_data", "warmup_data")
+
+
+def stage_settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _PATH_SETTINGS}
+
+
+def record_stage(stage_dir: Path, cfg: TrainConfig, result: dict) -> None:
+    tmp = stage_dir / f".{STAGE_RECORD}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"settings": stage_settings(cfg), "result": result}, indent=1) + "\n")
+    os.replace(tmp, stage_dir / STAGE_RECORD)
+
+
+def finished_stage(stage_dir: Path, cfg: TrainConfig, name: str) -> dict | None:
+    """The recorded result of a stage that finished in ``stage_dir`` and whose checkpoints are gone.
+
+    None where the stage has checkpoints (it resumes from them, as every stage always has) or no
+    record (it has not finished). A record of other settings is refused, as a checkpoint of
+    another batch size or seed is.
+    """
+    from glm4v.train.trainer import latest_checkpoint
+
+    record_file = stage_dir / STAGE_RECORD
+    if latest_checkpoint(stage_dir) is not None or not record_file.is_file():
+        return None
+    record = json.loads(record_file.read_text())
+    now = json.loads(json.dumps(stage_settings(cfg)))  # as the record holds them (tuples as lists)
+    changed = [f"{k}={record['settings'].get(k)!r} (now {v!r})" for k, v in now.items() if record["settings"].get(k) != v]
+    if changed:
+        raise InputError(f"cannot resume {stage_dir}: {name} finished with {', '.join(changed)}")
+    print(f"{name}: finished before ({record_file})", flush=True)
+    return record["result"]
 
 
 def restart_folder(k: int) -> str:
