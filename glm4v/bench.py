@@ -311,13 +311,7 @@ def measure_limits(device="cpu", repeats: int = 5, buffer_bytes: int | None = No
     """
     size = buffer_bytes or (max(2 << 30, 4 * _l3_bytes()) if torch.device(device).type == "cpu" else 4 << 30)
     buf = torch.ones(size // 4, dtype=torch.float32, device=device)
-    probes = {"torch sum": lambda: buf.sum()}
-    if torch.device(device).type == "cpu":
-        from glm4v.kernels import cpu_kernels
-
-        module = cpu_kernels()
-        if module is not None and hasattr(module, "stream_read"):
-            probes["glm4v stream_read"] = lambda: module.stream_read(buf)
+    probes = bandwidth_probes(buf)
     bw = {name: [size / t / GB for t in _timed(fn, repeats, device)] for name, fn in probes.items()}
     del buf, probes
     from glm4v.kernels import linear
@@ -330,6 +324,38 @@ def measure_limits(device="cpu", repeats: int = 5, buffer_bytes: int | None = No
         peaks[name] = statistics.median(2 * m * k * n / t / 1e9 for t in _timed(lambda: linear(a, w), 3, device))
         del a, w
     return {"bandwidth_by_probe": bw, "matmul_gflops_by_shape": peaks}
+
+
+def bandwidth_probes(buf: torch.Tensor) -> dict:
+    """Each read probe this machine has, reading every byte of ``buf`` once: torch's fp32 ``sum()``,
+    and on CPUs with glm4v's kernels their ``stream_read``."""
+    probes = {"torch sum": lambda: buf.sum()}
+    if buf.device.type == "cpu":
+        from glm4v.kernels import cpu_kernels
+
+        module = cpu_kernels()
+        if module is not None and hasattr(module, "stream_read"):
+            probes["glm4v stream_read"] = lambda: module.stream_read(buf)
+    return probes
+
+
+def paired_probe(device, size: int):
+    """A function returning the memory bandwidth (GB/s) right now: the fastest probe's read of a
+    ``size``-byte buffer. Called after every decode step, so each step has its own roofline."""
+    buf = torch.ones(size // 4, dtype=torch.float32, device=device)
+    probes = list(bandwidth_probes(buf).values())
+
+    def probe() -> float:
+        best = 0.0
+        for fn in probes:
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = max(best, size / (time.perf_counter() - start) / GB)
+        return best
+
+    return probe
 
 
 def _warm_up(fn, device, seconds: float = 1.0) -> None:
@@ -594,11 +620,15 @@ def _run_turns(model, spec: dict, device) -> dict:
     lm_layers = list(model.transformer.encoder.layers)
     v_timer, lm_timer = LayerTimer(vision_layers, device), LayerTimer(lm_layers, device)
     nv, nl = len(vision_layers), len(lm_layers)
+    probe = None
+    if not spec["skip_limits"]:
+        default = max(256 << 20, 4 * _l3_bytes()) if device.type == "cpu" else 1 << 30
+        probe = paired_probe(device, spec.get("probe_bytes") or default)
     runs = []
     try:
         with torch.inference_mode():
             for _ in range(spec["repeats"] + 1):  # the first run warms up (page faults, allocator) and is dropped
-                runs.append(_one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen))
+                runs.append(_one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, probe))
     finally:
         v_timer.remove()
         lm_timer.remove()
@@ -637,6 +667,11 @@ def _run_turns(model, spec: dict, device) -> dict:
     kv_bytes = 2 * G * T * hd * 2
     head_bytes = _module_bytes(model.transformer.output_layer)
     decode_bytes_full = OFFICIAL_LM_LAYERS * (layer_bytes + kv_bytes) + head_bytes
+    # Each step against the bandwidth measured right after it: on a shared host the bandwidth
+    # moves by tens of percent within minutes, so the probes before and after all the workers
+    # can be far from what a format's decode steps had.
+    paired = [decode_bytes_full / (step - layers + OFFICIAL_LM_LAYERS * layers / nl) / GB / bw
+              for r in runs for (step, layers), bw in zip(r["decode_steps"], r["decode_probe_gbs"])]
     vision_layer_bytes = _module_bytes(vision_layers[0])
     return {
         "prefill_tokens": L, "decode_context": T,
@@ -648,6 +683,8 @@ def _run_turns(model, spec: dict, device) -> dict:
         "decode_ms_per_layer": d_layer * 1e3, "decode_step_rest_ms": d_rest * 1e3,
         "decode_step_s": decode_full, "decode_tok_s": 1 / decode_full,
         "decode_bytes_per_token": decode_bytes_full,
+        "decode_roofline_fraction_paired": statistics.median(paired) if paired else None,
+        "decode_probe_gbs": statistics.median(b for r in runs for b in r["decode_probe_gbs"]) if paired else None,
         "ttft_s": ttft_full, "first_token_s": med("first_token_s"),
         "turn2_ttft_s": t2_full, "turn2_ttft_ratio": t2_full / ttft_full,
         "turn2_new_tokens": runs[0]["turn2_new_tokens"], "turn2_prefix": runs[0]["turn2_prefix"],
@@ -656,7 +693,7 @@ def _run_turns(model, spec: dict, device) -> dict:
     }
 
 
-def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen) -> dict:
+def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, probe=None) -> dict:
     cfg = model.config
     out = {}
     v_timer.take(), lm_timer.take()
@@ -683,7 +720,7 @@ def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen) 
     out["first_token_s"] = time.perf_counter() - t0
 
     fed = ids[0].tolist()
-    steps = []
+    steps, bandwidth = [], []
     for _ in range(spec["decode_tokens"]):
         fed.append(token)
         _sync(device)
@@ -691,8 +728,11 @@ def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen) 
         logits = model(torch.tensor([[token]], device=device), kv_cache=row, logits_to_keep=1).logits[0, -1]
         token = int(torch.argmax(logits.float()))
         steps.append((time.perf_counter() - t0, lm_timer.take()))
+        if probe is not None:
+            bandwidth.append(probe())
     out["decode_step_s"] = statistics.median(s for s, _ in steps)
     out["decode_layers_s"] = statistics.median(l for _, l in steps)
+    out["decode_steps"], out["decode_probe_gbs"] = steps, bandwidth
 
     # Turn 2: the follow-up resends the whole history; the prefix cache supplies its keys/values.
     question = torch.randint(0, cfg.pad_token_id - 1, (spec["turn2_tokens"],), generator=gen).tolist()
@@ -792,6 +832,8 @@ def format_table(report: dict) -> str:
         ("decode ms/layer", "decode_ms_per_layer", "{:.2f}"),
         ("decode tok/s (40 L, extrap.)", "decode_tok_s", "{:.2f}"),
         ("decode % of bandwidth roofline", "decode_roofline_fraction", "{:.0%}"),
+        ("  bandwidth after each step (GB/s)", "decode_probe_gbs", "{:.1f}"),
+        ("  % of it, step by step (median)", "decode_roofline_fraction_paired", "{:.0%}"),
         ("TTFT image question (s, extrap.)", "ttft_s", "{:.1f}"),
         ("turn-2 TTFT (s, extrap.)", "turn2_ttft_s", "{:.2f}"),
         ("turn-2 / turn-1 TTFT", "turn2_ttft_ratio", "{:.1%}"),

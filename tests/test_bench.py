@@ -32,6 +32,7 @@ def report(tmp_path_factory, monkeypatch_module):
         "lm_layers": 2, "vision_layers": 1, "formats": ["bf16", "int4"], "group_size": 32, "repeats": 2,
         "decode_tokens": 3, "text_tokens": 9, "turn2_tokens": 5, "image_size": 56, "threads": 0, "device": "cpu",
         "workdir": str(tmp_path_factory.mktemp("bench")), "keep": False, "skip_limits": False, "widths": TINY_WIDTHS,
+        "probe_bytes": 8 << 20,
     }
     return bench.run_benchmark(options, log=lambda msg: None)
 
@@ -60,6 +61,12 @@ def test_report_has_every_required_number(report):
         for key in REQUIRED:
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (fmt, key, r[key])
         assert r["repeats"] == 2 and len(r["raw"]) == 2
+        # every decode step has the bandwidth measured right after it, and its own share of that
+        assert all(len(run["decode_probe_gbs"]) == len(run["decode_steps"]) == 3 for run in r["raw"])
+        assert r["decode_probe_gbs"] == statistics.median(b for run in r["raw"] for b in run["decode_probe_gbs"]) > 0
+        per_step = sorted(r["decode_bytes_per_token"] / (step - layers + 40 * layers / 2) / bench.GB / bw
+                          for run in r["raw"] for (step, layers), bw in zip(run["decode_steps"], run["decode_probe_gbs"]))
+        assert r["decode_roofline_fraction_paired"] == pytest.approx(statistics.median(per_step))
     assert "prequantized_load_s" in report["formats"]["int4"]
     overhead = report["decode_overhead"]
     assert overhead["per_layer_ms"] > 0 and overhead["per_layer_ms_1_thread"] > 0
@@ -94,6 +101,7 @@ def test_table_labels_extrapolation(report):
     table = bench.format_table(report)
     assert "EXTRAPOLATED to 40 + 63 layers" in table
     assert "decode % of bandwidth roofline" in table and "int4" in table
+    assert "% of it, step by step (median)" in table
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
