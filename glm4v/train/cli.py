@@ -193,7 +193,7 @@ def run_recipe(args) -> int:
     done = []
     for k, restart in enumerate(recipe.restarts[:n_restarts]):
         stage_out, stage_cfg = out / restart_folder(k), restart_config(cfg, restart, out / restart_folder(k))
-        name = f"stage 2{chr(ord('b') + k)}"
+        name = f"stage {restart_label(k)}"
         stage_result = finished_stage(stage_out, stage_cfg, name) if args.resume else None
         if stage_result is None:
             if not final.is_dir():
@@ -217,7 +217,7 @@ def stage_times(stage1: dict | None, stage2: dict, restarts: list[dict]) -> str:
     """One line with each stage's training time, across the kills and resumes of a long recipe."""
     parts, total, partial = [], 0.0, False
     stages = [("stage 1", stage1)] if stage1 else []
-    stages += [("stage 2", stage2)] + [(f"2{chr(ord('b') + k)}", r) for k, r in enumerate(restarts)]
+    stages += [("stage 2", stage2)] + [(restart_label(k), r) for k, r in enumerate(restarts)]
     for name, r in stages:
         seconds = r.get("train_seconds", r.get("wall_s", 0.0))
         counted_from = r.get("train_seconds_from_step", 0)
@@ -265,6 +265,11 @@ def finished_stage(stage_dir: Path, cfg: TrainConfig, name: str) -> dict | None:
         raise InputError(f"cannot resume {stage_dir}: {name} finished with {', '.join(changed)}")
     print(f"{name}: finished before ({record_file})", flush=True)
     return record["result"]
+
+
+def restart_label(k: int) -> str:
+    """2b, 2c, ...: the k-th warm restart's name in the logs and docs."""
+    return f"2{chr(ord('b') + k)}"
 
 
 def restart_folder(k: int) -> str:
