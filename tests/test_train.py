@@ -379,10 +379,16 @@ def test_a_recipe_carried_without_its_checkpoints_continues_from_the_latest_fini
     assert records[1]["result"]["train_seconds"] == summary["restarts"][0]["train_seconds"]
     assert "out_dir" not in records[0]["settings"]  # the run may live elsewhere on the next machine
 
-    # what a move carries: the data is regenerated, stage 1's weights, stage 2's model and every
-    # checkpoint stay behind
-    for gone in ("checkpoints", "restart/checkpoints", "model", "vision.safetensors", "base", "data"):
-        shutil.rmtree(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    # what a move carries (scripts/carry_run.sh): the records and the latest finished stage's model;
+    # the data is regenerated, stage 1's weights, stage 2's model and every checkpoint stay behind
+    carried = tmp_path / "carried"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "carry_run.sh"
+    subprocess.run(["bash", str(script), str(out), str(carried)], check=True, capture_output=True)
+    assert sorted(str(p.relative_to(carried)) for p in carried.rglob("*") if p.is_file()) == sorted(
+        ["stage.json", "restart/stage.json"] + [f"restart/model/{p.name}" for p in (out / "restart" / "model").iterdir()])
+    shutil.rmtree(out)
+    out = carried
+    flags[flags.index("--out") + 1] = str(out)
     capsys.readouterr()
     assert main(flags + ["--resume"]) == 0
     printed = capsys.readouterr().out
