@@ -21,4 +21,5 @@ dest=$(cd "$dest" && pwd)
 (cd "$run" && cp --parents stage.json $(ls -d restart*/stage.json 2>/dev/null) "$dest/")
 mkdir -p "$dest/$latest"
 cp -r "$run/$latest/model" "$dest/$latest/model"
-echo "carried $run -> $dest: $(cd "$dest" && find . -name stage.json | wc -l) finished stages, the model of $latest"
+[ "$latest" = . ] && model=model || model=$latest/model
+echo "carried $run -> $dest: $(cd "$dest" && find . -name stage.json | wc -l) finished stage(s), the latest one's $model"
