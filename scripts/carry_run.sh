@@ -11,14 +11,22 @@ if [ ! -f "$run/stage.json" ]; then
   echo "$run: stage 2 has not finished (no $run/stage.json): nothing to carry" >&2
   exit 1
 fi
-latest=.
-for record in $(cd "$run" && ls -d restart*/stage.json 2>/dev/null | sort -V); do
-  latest=$(dirname "$record")
+# the finished stages' records and the latest of them, by number: restart (2b) is 1, restart2 (2c)
+# 2, ... (a text sort puts restart2 before restart, and restart10 before restart2)
+latest=. newest=0 records=stage.json
+for record in "$run"/restart*/stage.json; do
+  [ -f "$record" ] || continue
+  name=$(basename "$(dirname "$record")")
+  number=${name#restart}
+  number=${number:-1}
+  case $number in *[!0-9]*) continue ;; esac
+  records="$records $name/stage.json"
+  if [ "$number" -gt "$newest" ]; then latest=$name newest=$number; fi
 done
 rm -rf "$dest"
 mkdir -p "$dest"
 dest=$(cd "$dest" && pwd)
-(cd "$run" && cp --parents stage.json $(ls -d restart*/stage.json 2>/dev/null) "$dest/")
+(cd "$run" && cp --parents $records "$dest/")
 mkdir -p "$dest/$latest"
 cp -r "$run/$latest/model" "$dest/$latest/model"
 [ "$latest" = . ] && model=model || model=$latest/model

@@ -413,6 +413,31 @@ def test_a_recipe_carried_without_its_checkpoints_continues_from_the_latest_fini
     assert f"stage 2b trains from {out / 'model'}, which is gone" in capsys.readouterr().err
 
 
+def test_the_carry_script_takes_the_latest_finished_stage_by_number(tmp_path):
+    """restart2 (2c) is later than restart (2b) and restart10 later than restart9, though a text
+    sort says otherwise; a stage without its record (still training) is not carried."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "carry_run.sh"
+    run = tmp_path / "run"
+    for name in [".", "restart", "restart2", "restart9", "restart10", "restart11"]:
+        (run / name / "model").mkdir(parents=True)
+        (run / name / "model" / "weights").write_text(name)
+        if name != "restart11":
+            (run / name / "stage.json").write_text("{}")
+
+    def carried_files():
+        dest = tmp_path / "carried"
+        subprocess.run(["bash", str(script), str(run), str(dest)], check=True, capture_output=True)
+        return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+
+    records = ["stage.json", "restart/stage.json", "restart2/stage.json", "restart9/stage.json"]
+    assert carried_files() == sorted(records + ["restart10/stage.json", "restart10/model/weights"])
+    shutil.rmtree(run / "restart10")
+    shutil.rmtree(run / "restart9")
+    assert carried_files() == sorted(records[:3] + ["restart2/model/weights"])
+    shutil.rmtree(run / "restart2")
+    assert carried_files() == sorted(records[:2] + ["restart/model/weights"])
+
+
 def test_warm_restarts_take_stage_2_settings_and_a_bad_count_is_refused(tmp_path, capsys):
     from glm4v.cli import main
     from glm4v.train.cli import restart_config, restart_folder
