@@ -12,7 +12,8 @@ if [ ! -f "$run/stage.json" ]; then
   exit 1
 fi
 # the finished stages' records and the latest of them, by number: restart (2b) is 1, restart2 (2c)
-# 2, ... (a text sort puts restart2 before restart, and restart10 before restart2)
+# 2, ..., as glm4v.train.cli.restart_folder names them (a text sort puts restart2 before restart,
+# and restart10 before restart2)
 latest=. newest=0 records=stage.json
 for record in "$run"/restart*/stage.json; do
   [ -f "$record" ] || continue
@@ -30,4 +31,5 @@ dest=$(cd "$dest" && pwd)
 mkdir -p "$dest/$latest"
 cp -r "$run/$latest/model" "$dest/$latest/model"
 [ "$latest" = . ] && model=model || model=$latest/model
-echo "carried $run -> $dest: $(cd "$dest" && find . -name stage.json | wc -l) finished stage(s), the latest one's $model"
+set -- $records
+echo "carried $run -> $dest: $# finished stage(s), the latest one's $model"
