@@ -578,6 +578,9 @@ def _worker_main(spec: dict) -> int:
     fmt = spec["format"]
     quantize = None if fmt == "bf16" else fmt
     rss0, _ = _rss_bytes()
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model = load_model(spec["source"], torch.bfloat16, device, quantize, spec["group_size"])
     _sync(device)
@@ -590,8 +593,14 @@ def _worker_main(spec: dict) -> int:
         "baseline_rss_gb": rss0 / GB, "load_peak_ratio": load_peak / resident,
         "weights_gb": _module_bytes(model) / GB,
     }
+    if gpu:  # on a GPU the weights live in its memory: RSS above is the host side only
+        result["gpu_resident_gb"] = torch.cuda.memory_allocated(device) / GB
+        result["gpu_load_peak_gb"] = torch.cuda.max_memory_allocated(device) / GB
+        result["gpu_load_peak_ratio"] = result["gpu_load_peak_gb"] / result["gpu_resident_gb"]
     if spec["mode"] == "run":
         result.update(_run_turns(model, spec, device))
+        if gpu:
+            result["gpu_run_peak_gb"] = torch.cuda.max_memory_allocated(device) / GB
         if spec.get("save_to"):
             from glm4v.quant import save_quantized
 
@@ -792,6 +801,9 @@ def _add_fractions(report: dict) -> None:
         r["est_9b_resident_gb"] = (r["resident_gb"] + (OFFICIAL_LM_LAYERS - lm) * r["lm_layer_gb"]
                                    + (OFFICIAL_VISION_LAYERS - vl) * r["vision_layer_gb"])
         r["est_9b_load_peak_rss_gb"] = r["est_9b_resident_gb"] * max(1.0, r["load_peak_ratio"])
+        if "gpu_resident_gb" in r:
+            r["est_9b_gpu_gb"] = (r["gpu_resident_gb"] + (OFFICIAL_LM_LAYERS - lm) * r["lm_layer_gb"]
+                                  + (OFFICIAL_VISION_LAYERS - vl) * r["vision_layer_gb"])
 
 
 def _probe_note(report: dict) -> str:
@@ -805,7 +817,7 @@ def _probe_note(report: dict) -> str:
 def format_table(report: dict) -> str:
     m = report["machine"]
     lines = [
-        f"glm4v bench -- {m['cpu']}, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}), "
+        f"glm4v bench -- {m['gpu'] + ' on a host with ' if m.get('gpu') else ''}{m['cpu']}, {m['threads']} threads, torch {m['torch']} ({m['cpu_capability']}), "
         f"decode kernels: {m.get('decode_kernels', 'torch')}, "
         f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}" if m.get("loadavg_start") else "glm4v bench",
         f"built {report['depth']['lm_layers']} decoder + {report['depth']['vision_layers']} vision layers at official "
@@ -823,6 +835,9 @@ def format_table(report: dict) -> str:
         ("pre-quantised load (s)", "prequantized_load_s", "{:.1f}"),
         ("pre-quantised peak RSS (GB)", "prequantized_load_peak_rss_gb", "{:.2f}"),
         ("9B resident, est. (GB)", "est_9b_resident_gb", "{:.1f}"),
+        ("GPU memory after load (GB)", "gpu_resident_gb", "{:.2f}"),
+        ("GPU peak while loading (GB)", "gpu_load_peak_gb", "{:.2f}"),
+        ("9B on the GPU, est. (GB)", "est_9b_gpu_gb", "{:.1f}"),
         ("vision s/layer", "vision_s_per_layer", "{:.2f}"),
         ("vision s/image (63 L, extrap.)", "vision_s_per_image", "{:.1f}"),
         ("vision % of matmul peak", "vision_matmul_fraction", "{:.0%}"),

@@ -150,10 +150,16 @@ def dequantize(layer: "QuantizedLinear") -> torch.Tensor:
     """The weight a quantised layer stands for, [N, K] in its scale dtype (for tests and tooling)."""
     if layer.bits == 8:
         return layer.weight.to(layer.weight_scale.dtype) * layer.weight_scale[:, None]
-    codes = unpack_int4(layer.weight).float().view(layer.out_features, -1, layer.group_size)
-    sz = layer.weight_scales_zeros
+    return dequantize_int4(layer.weight, layer.weight_scales_zeros, layer.group_size)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The [N, K] weight of int4 codes ``packed`` [N, K/2] with ``scales_zeros`` [K/g, N, 2]."""
+    N = packed.shape[0]
+    codes = unpack_int4(packed).float().view(N, -1, group_size)
+    sz = scales_zeros
     scale, zero = sz[..., 0].t().float()[..., None], sz[..., 1].t().float()[..., None]
-    return ((codes - 8) * scale + zero).view(layer.out_features, layer.in_features).to(sz.dtype)
+    return ((codes - 8) * scale + zero).view(N, -1).to(sz.dtype)
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -263,10 +269,26 @@ class QuantizedLinear(nn.Module):
 
     def max_kernel_tokens(self, x: torch.Tensor) -> int:
         """Up to how many token rows a step of ``x`` goes through the weight-only kernel, above it
-        the matmul on the expanded weight (``glm4v.kernels.GEMV_MAX_TOKENS``)."""
+        the matmul on the expanded weight (``glm4v.kernels.GEMV_MAX_TOKENS``; on a GPU
+        ``cuda_gemv.GPU_GEMV_MAX_TOKENS``)."""
+        if x.is_cuda:
+            from glm4v.kernels.cuda_gemv import GPU_GEMV_MAX_TOKENS
+
+            return GPU_GEMV_MAX_TOKENS
         return gemv_max_tokens(self.format, None if self._own_kernel(x) is not None else TORCH_KERNELS_CROSSOVERS)
 
+    def _gpu_kernels(self, x: torch.Tensor):
+        """glm4v.kernels.cuda_gemv when a step of ``x`` takes it (imported on a GPU only: Triton
+        loads slowly), else None."""
+        if not x.is_cuda:
+            return None
+        from glm4v.kernels import cuda_gemv
+
+        return cuda_gemv if cuda_gemv.applies(x, self.weight) else None
+
     def _kernel_available(self, x: torch.Tensor) -> bool:
+        if self._gpu_kernels(x) is not None:
+            return True
         if x.device.type != "cpu" or self.weight.device.type != "cpu":
             return False
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -310,6 +332,11 @@ class QuantizedLinear(nn.Module):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
+        gpu = self._gpu_kernels(x)
+        if gpu is not None:
+            if self.bits == 8:
+                return gpu.int8_gemv(x, self.weight, self.weight_scale)
+            return gpu.int4_gemv(x, self.weight, self.weight_scales_zeros, self.group_size)
         own = self._own_kernel(x)
         if own is not None:
             extra = () if self.bits == 8 else (self.group_size,)
