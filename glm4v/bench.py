@@ -798,12 +798,11 @@ def _add_fractions(report: dict) -> None:
         r["decode_roofline_fraction"] = r["decode_gbs"] / bw if bw else None
         # Whole-model memory, extrapolated from the measured resident size by the exact bytes of
         # the layers that were not built.
-        r["est_9b_resident_gb"] = (r["resident_gb"] + (OFFICIAL_LM_LAYERS - lm) * r["lm_layer_gb"]
-                                   + (OFFICIAL_VISION_LAYERS - vl) * r["vision_layer_gb"])
+        not_built_gb = (OFFICIAL_LM_LAYERS - lm) * r["lm_layer_gb"] + (OFFICIAL_VISION_LAYERS - vl) * r["vision_layer_gb"]
+        r["est_9b_resident_gb"] = r["resident_gb"] + not_built_gb
         r["est_9b_load_peak_rss_gb"] = r["est_9b_resident_gb"] * max(1.0, r["load_peak_ratio"])
         if "gpu_resident_gb" in r:
-            r["est_9b_gpu_gb"] = (r["gpu_resident_gb"] + (OFFICIAL_LM_LAYERS - lm) * r["lm_layer_gb"]
-                                  + (OFFICIAL_VISION_LAYERS - vl) * r["vision_layer_gb"])
+            r["est_9b_gpu_gb"] = r["gpu_resident_gb"] + not_built_gb
 
 
 def _probe_note(report: dict) -> str:

@@ -259,7 +259,11 @@ class QuantizedLinear(nn.Module):
                 return out.view(*x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= self.max_kernel_tokens(x2) and self._kernel_available(x2):
+        gpu = self._gpu_kernels(x2)
+        if gpu is not None:
+            out = (gpu.int8_gemv(x2, self.weight, self.weight_scale) if self.bits == 8
+                   else gpu.int4_gemv(x2, self.weight, self.weight_scales_zeros, self.group_size))
+        elif x2.shape[0] <= self.max_kernel_tokens(x2) and self._kernel_available(x2):
             out = self._kernel(x2)
         else:
             out = self._expand_and_matmul(x2)
@@ -269,12 +273,8 @@ class QuantizedLinear(nn.Module):
 
     def max_kernel_tokens(self, x: torch.Tensor) -> int:
         """Up to how many token rows a step of ``x`` goes through the weight-only kernel, above it
-        the matmul on the expanded weight (``glm4v.kernels.GEMV_MAX_TOKENS``; on a GPU
-        ``cuda_gemv.GPU_GEMV_MAX_TOKENS``)."""
-        if x.is_cuda:
-            from glm4v.kernels.cuda_gemv import GPU_GEMV_MAX_TOKENS
-
-            return GPU_GEMV_MAX_TOKENS
+        the matmul on the expanded weight (``glm4v.kernels.GEMV_MAX_TOKENS``; a GPU step's limit
+        is ``cuda_gemv.GPU_GEMV_MAX_TOKENS``)."""
         return gemv_max_tokens(self.format, None if self._own_kernel(x) is not None else TORCH_KERNELS_CROSSOVERS)
 
     def _gpu_kernels(self, x: torch.Tensor):
@@ -287,8 +287,6 @@ class QuantizedLinear(nn.Module):
         return cuda_gemv if cuda_gemv.applies(x, self.weight) else None
 
     def _kernel_available(self, x: torch.Tensor) -> bool:
-        if self._gpu_kernels(x) is not None:
-            return True
         if x.device.type != "cpu" or self.weight.device.type != "cpu":
             return False
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -332,11 +330,6 @@ class QuantizedLinear(nn.Module):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        gpu = self._gpu_kernels(x)
-        if gpu is not None:
-            if self.bits == 8:
-                return gpu.int8_gemv(x, self.weight, self.weight_scale)
-            return gpu.int4_gemv(x, self.weight, self.weight_scales_zeros, self.group_size)
         own = self._own_kernel(x)
         if own is not None:
             extra = () if self.bits == 8 else (self.group_size,)
