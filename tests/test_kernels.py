@@ -620,3 +620,54 @@ def test_importing_glm4v_first_puts_large_tensors_on_huge_pages():
     kept = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, capture_output=True,
                           text=True, timeout=120, check=True).stdout.split()
     assert kept == ["0", "0"]
+
+
+def test_a_build_killed_while_holding_the_lock_does_not_block_the_next(tmp_path):
+    """torch's lock file survives a killed build; glm4v's flock does not, and clears the file."""
+    from glm4v.kernels import _build_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from glm4v.kernels import _build_lock\n"
+         "with _build_lock(Path(sys.argv[1])):\n"
+         "    (Path(sys.argv[1]) / 'lock').touch(); print('held', flush=True); time.sleep(600)\n", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(glm4v.__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        import fcntl
+        with open(tmp_path / "glm4v.lock", "a") as probe:  # a live build holds it: the next one waits
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "lock").exists()
+    with pytest.warns(UserWarning, match="left by a kernel build that was killed"):
+        with _build_lock(tmp_path):
+            assert not (tmp_path / "lock").exists()
+
+
+def test_build_loads_while_holding_the_lock(tmp_path, monkeypatch):
+    import fcntl
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    import glm4v.kernels as kernels
+
+    class Module:
+        pass
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        with open(Path(build_directory) / "glm4v.lock", "a") as probe:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return Module()
+
+    monkeypatch.setenv("GLM4V_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(kernels, "_self_check", lambda module: None)
+    module = kernels.build.__wrapped__("avx2")  # past the cache: the real build stays in it
+    assert module.kernel_set == "avx2"
+    (lock_file,) = tmp_path.glob("*/glm4v.lock")
+    with open(lock_file, "a") as probe:  # released after the load
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)

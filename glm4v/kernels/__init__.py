@@ -13,11 +13,13 @@ glm4v runs without them: when the CPU has neither, no compiler or ninja is found
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
 kernels. A build takes ~30-60 s once and is cached per source, flags and torch version under
 ``$GLM4V_KERNEL_CACHE`` (default ``~/.cache/glm4v/kernels``). Every build is checked against
-torch on random data before it is used.
+torch on random data before it is used. Builds into one folder take turns under an flock, which a
+killed build cannot leave held (torch's own lock file it can: ``_build_lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -188,6 +190,32 @@ def runnable_kernel_sets() -> list[str]:
     return runnable
 
 
+@contextlib.contextmanager
+def _build_lock(cache: Path):
+    """Hold an flock on ``cache/glm4v.lock`` while torch builds or loads into ``cache``.
+
+    torch's own lock is a file that ``load`` creates and deletes (its FileBaton): a process killed
+    between the two leaves it behind, and every later ``load`` into that folder waits for it forever.
+    An flock is released by the kernel when its holder dies, and every glm4v build takes it first, so
+    a torch lock file found while holding it belongs to no live build and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no flock, torch's lock alone
+        yield
+        return
+    with open(cache / "glm4v.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            stale = cache / "lock"
+            if stale.exists():
+                warnings.warn(f"glm4v: removing {stale}, left by a kernel build that was killed", stacklevel=3)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
 @functools.lru_cache(maxsize=None)
 def build(chosen: str):
     """Compile (or find in the cache) the kernel set ``chosen``, check it against torch, return the module.
@@ -202,8 +230,9 @@ def build(chosen: str):
     digest = hashlib.sha256(code + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("GLM4V_KERNEL_CACHE", Path.home() / ".cache" / "glm4v" / "kernels")) / digest
     cache.mkdir(parents=True, exist_ok=True)
-    module = load(name=f"glm4v_cpu_{digest}", sources=[str(source)], extra_cflags=flags,
-                  extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
+    with _build_lock(cache):
+        module = load(name=f"glm4v_cpu_{digest}", sources=[str(source)], extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
     _self_check(module)
     module.kernel_set = chosen
     return module
