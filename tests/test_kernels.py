@@ -622,6 +622,20 @@ def test_importing_glm4v_first_puts_large_tensors_on_huge_pages():
     assert kept == ["0", "0"]
 
 
+
+def _lock_is_held(lock_file: Path) -> bool:
+    """Whether some open file (this process's or another's) holds the flock on ``lock_file``."""
+    import fcntl
+
+    with open(lock_file, "a") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return False
+
+
 def test_a_build_killed_while_holding_the_lock_does_not_block_the_next(tmp_path):
     """torch's lock file survives a killed build; glm4v's flock does not, and clears the file."""
     from glm4v.kernels import _build_lock
@@ -634,10 +648,7 @@ def test_a_build_killed_while_holding_the_lock_does_not_block_the_next(tmp_path)
         stdout=subprocess.PIPE, text=True, cwd=Path(glm4v.__file__).parent.parent)
     try:
         assert holder.stdout.readline().strip() == "held"
-        import fcntl
-        with open(tmp_path / "glm4v.lock", "a") as probe:  # a live build holds it: the next one waits
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _lock_is_held(tmp_path / "glm4v.lock")  # a live build holds it: the next one waits
     finally:
         holder.kill()
         holder.wait()
@@ -648,8 +659,6 @@ def test_a_build_killed_while_holding_the_lock_does_not_block_the_next(tmp_path)
 
 
 def test_build_loads_while_holding_the_lock(tmp_path, monkeypatch):
-    import fcntl
-
     import torch.utils.cpp_extension as cpp_extension
 
     import glm4v.kernels as kernels
@@ -657,17 +666,16 @@ def test_build_loads_while_holding_the_lock(tmp_path, monkeypatch):
     class Module:
         pass
 
+    held_during_load = []
+
     def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
-        with open(Path(build_directory) / "glm4v.lock", "a") as probe:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held_during_load.append(_lock_is_held(Path(build_directory) / "glm4v.lock"))
         return Module()
 
     monkeypatch.setenv("GLM4V_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setattr(kernels, "_self_check", lambda module: None)
     module = kernels.build.__wrapped__("avx2")  # past the cache: the real build stays in it
-    assert module.kernel_set == "avx2"
+    assert module.kernel_set == "avx2" and held_during_load == [True]
     (lock_file,) = tmp_path.glob("*/glm4v.lock")
-    with open(lock_file, "a") as probe:  # released after the load
-        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not _lock_is_held(lock_file)  # released after the load
