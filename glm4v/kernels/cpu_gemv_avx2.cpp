@@ -208,16 +208,19 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
 // softmax(q k^T * scale) v for a decode step's few query tokens against the KV cache, in fp32.
 // Why not SDPA: inside decode steps on a Zen 3 EPYC (2 threads, a 1,660-token GLM-4 cache that the
 // step's weights had pushed out to memory) its flash kernel took 0.48-0.55 ms a layer, this one
-// 0.43 (docs/PERFORMANCE.md). Both are compute-bound: ~27 MFLOP in fp32, no bf16 dot product here.
-// One task per (batch row, group, key range); the group's H/G heads x L tokens are its query rows.
-// Pass 1: scores, 4 query rows at a time, are bf16_rows above with the keys as the weight rows
-//   (q scaled, in its even/odd layout). Softmax in fp32: exp(s - max), max and sum per row.
-// Pass 2: o = p v, 4 query rows x 16 dimensions of v per sweep over a chunk of keys, kept in the
-//   same even/odd layout (one load and two bit operations per 16 values) until the merge.
-// Both passes take the keys kKeyChunk at a time (below).
+// 0.28 (docs/PERFORMANCE.md). Both are compute-bound: ~27 MFLOP in fp32, no bf16 dot product here.
+// One task per (batch row, group, key range); the group's H/G heads x L tokens are its query rows,
+// 16 to a block: two 8-lane vectors, one lane per query row. In that layout both products are
+// the same loop (broadcast_fma): a scalar of the keys (or values), widened to fp32 a chunk at a time,
+// broadcast from memory and multiplied into 16 rows at once, so the loop needs no horizontal sums
+// and no bit operations between its FMAs (the previous version, with the keys' dimensions in the
+// lanes, spent a third of its time on those: 0.34 ms against 0.28 cold, 0.31 against 0.24 warm).
+// Pass 1: s^T [keys][rows] = K q^T, 4 keys a sweep over the dimensions.
+// Softmax along the keys, vertical in that layout: exp(s - max), max and sum per lane.
+// Pass 2: o^T [D][rows] += V^T p^T, 4 dimensions a sweep over a chunk of keys.
 // Everything is summed in fp32, p included (SDPA rounds it to bf16 for the product with v).
 
-constexpr int kAttentionRows = 4;
+constexpr int kRowBlock = 16, kAttentionCols = 4;  // query rows a pass (2 vectors); keys or dimensions a pass
 
 // e^x: 2^n * e^r with |r| <= ln2 / 2, degree-7 Taylor (as the AVX-512 build's). x is first clamped
 // to [-87, 89]: below -87 the result stays at e^-87 (~1.6e-38, where 2^n is still a normal float;
@@ -267,45 +270,19 @@ inline __m256 silu_times(__m256 gate, __m256 up) {
   return _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(silu), 16)), up);
 }
 
-// What one task leaves for the merge, in one block of floats: the weighted values o[rows][D] (even/odd
-// layout, not yet divided), then per row the largest score and the sum of exp(score - it).
-// A group's query rows, rounded up to whole passes of kAttentionRows (the extra rows are zero).
+// What one task leaves for the merge, in one block of floats: the weighted values o[rows][D] (not
+// yet divided), then per row the largest score and the sum of exp(score - it). A group's query
+// rows are rounded up to whole blocks of kRowBlock (the extra rows are zero).
 inline int64_t padded_rows(const AttentionShape& a) {
-  return (a.rep * a.L + kAttentionRows - 1) / kAttentionRows * kAttentionRows;
+  return (a.rep * a.L + kRowBlock - 1) / kRowBlock * kRowBlock;
 }
 
 inline int64_t part_floats(const AttentionShape& a) { return padded_rows(a) * (a.D + 2); }
 
-// Softmax numerators of one row of scores in place; returns (max, sum).
-inline std::pair<float, float> exp_row(float* s, int64_t n) {
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + t));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, top8);
-  float top = *std::max_element(lanes, lanes + 8);
-  for (int64_t i = t; i < n; ++i) top = std::max(top, s[i]);
-  const __m256 top_v = _mm256_set1_ps(top);
-  __m256 sum8 = _mm256_setzero_ps();
-  for (t = 0; t + 8 <= n; t += 8) {
-    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + t), top_v));
-    _mm256_storeu_ps(s + t, e);
-    sum8 = _mm256_add_ps(sum8, e);
-  }
-  float total = hsum(sum8);
-  for (; t < n; ++t) {
-    float tail[8] = {s[t] - top};
-    _mm256_storeu_ps(tail, exp_ps(_mm256_loadu_ps(tail)));
-    s[t] = tail[0];
-    total += tail[0];
-  }
-  return {top, total};
-}
-
-// Keys are taken kKeyChunk at a time by every query row (their rows, 8 KB at D = 128, stay in L1),
-// and the cache rows kPrefetchChunks chunks ahead are requested meanwhile. The cache arrives cold:
-// the step's weights pushed it out of every CPU cache, and without the requests the two passes
-// read it at ~5 GB/s (latency-bound: too little work per line for the hardware prefetcher).
+// Keys and values are taken kKeyChunk at a time, widened to fp32 (16 KB at D = 128, in L1), and the
+// cache rows kPrefetchChunks chunks ahead are requested meanwhile. The cache arrives cold: the step's
+// weights pushed it out of every CPU cache, and without the requests the two passes read it at
+// ~5 GB/s (latency-bound: too little work per line for the hardware prefetcher).
 constexpr int64_t kKeyChunk = 32, kPrefetchChunks = 4;
 
 template <int Hint>
@@ -315,70 +292,104 @@ inline void prefetch_rows(const uint16_t* base, int64_t D, int64_t from, int64_t
     _mm_prefetch(line, static_cast<_mm_hint>(Hint));
 }
 
+// `count` bf16 rows of D (contiguous) -> fp32; rows from `count` to kKeyChunk are zeroed.
+inline void widen_chunk(const uint16_t* src, int64_t count, int64_t D, float* dst) {
+  for (int64_t i = 0; i < count * D; i += 8) _mm256_storeu_ps(dst + i, load_bf16x8(src + i));
+  std::fill(dst + count * D, dst + kKeyChunk * D, 0.f);
+}
+
+// acc[j] += sum over i < count of a[j * a_j + i * a_i] * b[i * ldb .. + 16]: kAttentionCols scalars
+// of a, each broadcast from memory (a load, no shuffle), against 16 lanes of b. Both products of
+// the attention are this loop: the lanes are 16 query rows, so no horizontal sums and no widening
+// in the loop, and its 8 independent sums keep both FMA pipes busy.
+inline void broadcast_fma(const float* a, int64_t a_j, int64_t a_i, const float* b, int64_t ldb, int64_t count,
+                          __m256 (&acc)[kAttentionCols][2]) {
+  for (int64_t i = 0; i < count; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(b + i * ldb), b1 = _mm256_loadu_ps(b + i * ldb + 8);
+    for (int j = 0; j < kAttentionCols; ++j) {
+      const __m256 s = _mm256_broadcast_ss(a + j * a_j + i * a_i);
+      acc[j][0] = _mm256_fmadd_ps(s, b0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(s, b1, acc[j][1]);
+    }
+  }
+}
+
 void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, const AttentionShape& a, int64_t b,
                     int64_t g, int64_t t_begin, int64_t t_end, float* part) {
-  const int64_t D = a.D, n = t_end - t_begin, rows = a.rep * a.L, padded = padded_rows(a);
-  thread_local std::vector<float> qs_keep, s_keep;
-  qs_keep.assign(padded * D, 0.f);  // rows past `rows` stay 0
-  s_keep.resize(padded * n);
-  float *qs = qs_keep.data(), *s = s_keep.data();
+  const int64_t D = a.D, n = t_end - t_begin, rows = a.rep * a.L, RP = padded_rows(a);
+  const int64_t n_pad = (n + kKeyChunk - 1) / kKeyChunk * kKeyChunk;
+  thread_local std::vector<float> qt_keep, st_keep, chunk_keep, ot_keep;
+  qt_keep.assign(D * RP, 0.f);  // q^T [D][RP], scaled; rows past `rows` stay 0
+  st_keep.resize(n_pad * RP);   // scores, then softmax numerators, key-major: [n_pad][RP]
+  chunk_keep.resize(kKeyChunk * D);
+  ot_keep.assign(D * RP, 0.f);  // o^T [D][RP]
+  float *qt = qt_keep.data(), *st = st_keep.data(), *chunk = chunk_keep.data(), *ot = ot_keep.data();
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* qrow = q + b * a.q_b + (g * a.rep + r / a.L) * a.q_h + (r % a.L) * a.q_l;
-    for (int64_t d = 0; d < D; d += 16)
-      for (int i = 0; i < 8; ++i) {
-        qs[r * D + d + i] = bf16_to_float(qrow[d + 2 * i]) * a.scale;
-        qs[r * D + d + 8 + i] = bf16_to_float(qrow[d + 2 * i + 1]) * a.scale;
-      }
+    for (int64_t d = 0; d < D; ++d) qt[d * RP + r] = bf16_to_float(qrow[d]) * a.scale;
   }
   const uint16_t* keys = k + b * a.k_b + g * a.k_g + t_begin * a.k_t;
   const uint16_t* vals = v + b * a.v_b + g * a.v_g + t_begin * a.v_t;
   const int64_t ahead = kPrefetchChunks * kKeyChunk;
   prefetch_rows<_MM_HINT_T0>(keys, D, 0, std::min(n, ahead));
+  // s^T[t][r] = k[t] . q[r]
   for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
     const int64_t c1 = std::min(n, c0 + kKeyChunk);
     prefetch_rows<_MM_HINT_T0>(keys, D, std::min(n, c0 + ahead), std::min(n, c1 + ahead));
-    prefetch_rows<_MM_HINT_T1>(vals, D, c0, c1);  // for pass 2, while this pass computes
-    for (int64_t r0 = 0; r0 < padded; r0 += kAttentionRows)
-      for (int64_t t = c0; t < c1; t += 2)
-        bf16_rows<kAttentionRows, 2>(qs + r0 * D, qs + r0 * D, keys, s + r0 * n, D, n, t, (int)std::min<int64_t>(2, c1 - t));
-  }
-  float *o = part, *top = part + padded * D, *total = top + padded;
-  for (int64_t r = 0; r < rows; ++r) std::tie(top[r], total[r]) = exp_row(s + r * n, n);
-
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  std::fill(o, o + padded * D, 0.f);
-  for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
-    const int64_t c1 = std::min(n, c0 + kKeyChunk);
-    prefetch_rows<_MM_HINT_T0>(vals, D, std::min(n, c0 + kKeyChunk), std::min(n, c1 + kKeyChunk));
-    for (int64_t r0 = 0; r0 < padded; r0 += kAttentionRows)
-      for (int64_t d = 0; d < D; d += 16) {
-        __m256 even[kAttentionRows], odd[kAttentionRows];
-        for (int i = 0; i < kAttentionRows; ++i) {
-          even[i] = _mm256_loadu_ps(o + (r0 + i) * D + d);
-          odd[i] = _mm256_loadu_ps(o + (r0 + i) * D + d + 8);
-        }
-        const float* p = s + r0 * n;
-        for (int64_t t = c0; t < c1; ++t) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vals + t * D + d));
-          const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-          const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(w, high));
-          for (int i = 0; i < kAttentionRows; ++i) {
-            const __m256 pi = _mm256_broadcast_ss(p + i * n + t);
-            even[i] = _mm256_fmadd_ps(pi, ve, even[i]);
-            odd[i] = _mm256_fmadd_ps(pi, vo, odd[i]);
-          }
-        }
-        for (int i = 0; i < kAttentionRows; ++i) {
-          _mm256_storeu_ps(o + (r0 + i) * D + d, even[i]);
-          _mm256_storeu_ps(o + (r0 + i) * D + d + 8, odd[i]);
+    prefetch_rows<_MM_HINT_T1>(vals, D, c0, c1);  // for the second product, while this one computes
+    widen_chunk(keys + c0 * D, c1 - c0, D, chunk);
+    for (int64_t r0 = 0; r0 < RP; r0 += kRowBlock)
+      for (int64_t j0 = 0; j0 < kKeyChunk; j0 += kAttentionCols) {
+        __m256 acc[kAttentionCols][2];
+        for (auto& pair : acc) pair[0] = pair[1] = _mm256_setzero_ps();
+        broadcast_fma(chunk + j0 * D, D, 1, qt + r0, RP, D, acc);
+        for (int j = 0; j < kAttentionCols; ++j) {
+          _mm256_storeu_ps(st + (c0 + j0 + j) * RP + r0, acc[j][0]);
+          _mm256_storeu_ps(st + (c0 + j0 + j) * RP + r0 + 8, acc[j][1]);
         }
       }
   }
+  // softmax numerators along the keys: the rows are the lanes, so max and sum are vertical
+  float *o = part, *top = part + RP * D, *total = top + RP;
+  for (int64_t r0 = 0; r0 < RP; r0 += 8) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY), sum8 = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(st + t * RP + r0));
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(st + t * RP + r0), m8));
+      _mm256_storeu_ps(st + t * RP + r0, e);
+      sum8 = _mm256_add_ps(sum8, e);
+    }
+    _mm256_storeu_ps(top + r0, m8);
+    _mm256_storeu_ps(total + r0, sum8);
+  }
+  // Keys past n (the last chunk's padding) get p = 0.
+  std::fill(st + n * RP, st + n_pad * RP, 0.f);
+  // o^T[d][r] = sum_t v[t][d] p^T[t][r]
+  for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
+    const int64_t c1 = std::min(n, c0 + kKeyChunk);
+    prefetch_rows<_MM_HINT_T0>(vals, D, std::min(n, c0 + kKeyChunk), std::min(n, c1 + kKeyChunk));
+    widen_chunk(vals + c0 * D, c1 - c0, D, chunk);
+    for (int64_t r0 = 0; r0 < RP; r0 += kRowBlock)
+      for (int64_t d0 = 0; d0 < D; d0 += kAttentionCols) {
+        __m256 acc[kAttentionCols][2];
+        for (int j = 0; j < kAttentionCols; ++j) {
+          acc[j][0] = _mm256_loadu_ps(ot + (d0 + j) * RP + r0);
+          acc[j][1] = _mm256_loadu_ps(ot + (d0 + j) * RP + r0 + 8);
+        }
+        broadcast_fma(chunk + d0, 1, D, st + c0 * RP + r0, RP, kKeyChunk, acc);
+        for (int j = 0; j < kAttentionCols; ++j) {
+          _mm256_storeu_ps(ot + (d0 + j) * RP + r0, acc[j][0]);
+          _mm256_storeu_ps(ot + (d0 + j) * RP + r0 + 8, acc[j][1]);
+        }
+      }
+  }
+  for (int64_t r = 0; r < RP; ++r)
+    for (int64_t d = 0; d < D; ++d) o[r * D + d] = ot[d * RP + r];
 }
 
 // The parts of one (batch row, group) over consecutive key ranges -> its output rows: each part
-// rescaled to the largest maximum, summed, divided by the total, put back in dimension order and
-// rounded to bf16. With one part this is o / total.
+// rescaled to the largest maximum, summed, divided by the total and rounded to bf16. With one part
+// this is o / total.
 void merge_parts(const float* parts, int64_t count, int64_t stride, const AttentionShape& a, int64_t b, int64_t g,
                  uint16_t* out) {
   const int64_t D = a.D, rows = a.rep * a.L, padded = padded_rows(a);
@@ -393,11 +404,7 @@ void merge_parts(const float* parts, int64_t count, int64_t stride, const Attent
       const float* part = parts + p * stride;
       const float weight = count == 1 ? 1.f : std::exp(part[padded * D + r] - top);
       total += weight * part[padded * D + padded + r];
-      for (int64_t d = 0; d < D; d += 16)
-        for (int i = 0; i < 8; ++i) {
-          row[d + 2 * i] += weight * part[r * D + d + i];
-          row[d + 2 * i + 1] += weight * part[r * D + d + 8 + i];
-        }
+      for (int64_t d = 0; d < D; ++d) row[d] += weight * part[r * D + d];
     }
     const float inverse = 1.f / total;
     for (int64_t d = 0; d < D; ++d) row[d] *= inverse;
