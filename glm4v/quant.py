@@ -271,6 +271,16 @@ class QuantizedLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out.view(*shape[:-1], self.out_features)
 
+    def decode_gemv_args(self, x: torch.Tensor) -> tuple | None:
+        """What ``glm4v.kernels.decode_block`` needs of this layer for a decode step of ``x``
+        (bits, weight, scales, bias, group), or None where it must run on its own: the same GEMV
+        that ``forward`` takes for a decode step."""
+        if self.weight.device.type != "cpu" or self._decode_gemv(x.dtype) is None:
+            return None
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            return None
+        return self.bits, self.weight, self._scales, self.bias, self.group_size or 0
+
     def max_kernel_tokens(self, x: torch.Tensor) -> int:
         """Up to how many token rows a step of ``x`` goes through the weight-only kernel, above it
         the matmul on the expanded weight (``glm4v.kernels.GEMV_MAX_TOKENS``; a GPU step's limit

@@ -589,6 +589,7 @@ def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
 
     outputs = []
     kernel = language.decode_attention
+    monkeypatch.setattr(language, "decode_block", lambda *a: None)  # the layers as modules, so that the call is seen
     monkeypatch.setattr(language, "decode_attention", lambda *a: outputs.append(kernel(*a)) or outputs[-1])
     with_kernel = decode_logits()
     assert len(outputs) == 3 * cfg.num_layers and all(out is not None for out in outputs)
@@ -679,3 +680,83 @@ def test_build_loads_while_holding_the_lock(tmp_path, monkeypatch):
     assert module.kernel_set == "avx2" and held_during_load == [True]
     (lock_file,) = tmp_path.glob("*/glm4v.lock")
     assert not _lock_is_held(lock_file)  # released after the load
+
+
+@pytest.mark.skipif(cpu_kernels() is None or cpu_kernels().kernel_set not in _attention_builds(),
+                    reason="no decode attention kernel for this CPU")
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_layer_in_one_call_is_bitwise_the_layers_modules(fmt, batch, monkeypatch):
+    """Decode steps run each decoder layer as one ``decode_block`` call, and their logits and KV
+    cache are bit for bit what the layer's modules give one by one (query/key/value bias included)."""
+    import json
+
+    import glm4v.model.language as language
+    from glm4v.config import GLM4VConfig
+    from glm4v.model.glm4v import GLM4VForConditionalGeneration
+    from glm4v.quant import quantize_model
+
+    config = json.loads((TINY_DIR / "config.json").read_text())
+    config.update(kv_channels=32, num_attention_heads=4)
+    cfg = GLM4VConfig.from_dict(config, "tiny config, 32-wide heads")
+    assert cfg.add_qkv_bias
+    torch.manual_seed(0)
+    model = GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    for layer in model.transformer.encoder.layers:
+        torch.nn.init.normal_(layer.self_attention.query_key_value.bias, std=0.5)
+    if fmt != "bf16":
+        plan = quantize_model(model, fmt, group_size=32)
+        assert f"int{fmt[-1]}" in plan.values()
+    prompt = torch.randint(0, 1000, (batch, 21))
+
+    def decode():
+        cache = model.allocate_cache(batch, 40)
+        steps = []
+        with torch.inference_mode():
+            logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
+            for _ in range(3):
+                token = logits[:, -1].float().argmax(-1, keepdim=True)
+                logits = model(token, kv_cache=cache, logits_to_keep=1).logits
+                steps.append(logits)
+        return torch.cat(steps), cache
+
+    fused = []
+    block = language.decode_block
+    monkeypatch.setattr(language, "decode_block", lambda *a: fused.append(block(*a)) or fused[-1])
+    logits, cache = decode()
+    assert len(fused) == 3 * cfg.num_layers and all(out is not None for out in fused)
+    monkeypatch.setattr(language, "decode_block", lambda *a: None)
+    want_logits, want_cache = decode()
+    assert torch.equal(logits, want_logits)
+    assert torch.equal(cache.k, want_cache.k) and torch.equal(cache.v, want_cache.v)
+
+
+def test_decode_layer_runs_as_modules_where_hooks_or_other_modules_need_it(monkeypatch):
+    """A hook on a sub-module, or a projection that is not glm4v's (a LoRA wrapper), keeps the
+    layer on its modules, so the hook runs and the wrapper's output counts."""
+    import json
+
+    import glm4v.model.language as language
+    from glm4v.config import GLM4VConfig
+    from glm4v.model.glm4v import GLM4VForConditionalGeneration
+
+    config = json.loads((TINY_DIR / "config.json").read_text())
+    config.update(kv_channels=32, num_attention_heads=4)
+    model = GLM4VForConditionalGeneration(GLM4VConfig.from_dict(config, "tiny")).to(torch.bfloat16).eval()
+    calls = []
+    monkeypatch.setattr(language, "decode_block", lambda *a: calls.append(a) or None)
+    seen = []
+    layer = model.transformer.encoder.layers[0]
+    handle = layer.mlp.dense_4h_to_h.register_forward_hook(lambda *a: seen.append(1))
+    cache = model.allocate_cache(1, 8)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6]]), kv_cache=cache, logits_to_keep=1)
+        seen.clear()
+        model(torch.tensor([[7]]), kv_cache=cache, logits_to_keep=1)
+    assert seen == [1] and len(calls) == 1  # layer 0 ran its modules; layer 1 asked for the fused call
+    handle.remove()
+    layer.mlp.dense_4h_to_h = torch.nn.Sequential(layer.mlp.dense_4h_to_h)  # not one of glm4v's linears
+    calls.clear()
+    with torch.inference_mode():
+        model(torch.tensor([[8]]), kv_cache=cache, logits_to_keep=1)
+    assert len(calls) == 2 and None in calls[0][3] and None not in calls[1][3]

@@ -398,6 +398,37 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return op(q, k, v, q.shape[-1] ** -0.5)
 
 
+_NONE = torch.empty(0, dtype=torch.bfloat16)  # an absent bias or scale, for decode_block
+
+
+def decode_block(x: torch.Tensor, norms: tuple, eps: float, linears: list, rope: torch.Tensor,
+                 cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int, key_len: int, heads: int,
+                 kv_heads: int) -> torch.Tensor | None:
+    """A whole GLM-4 decoder layer for a decode step in one kernel call, or None where it does not apply.
+
+    ``x`` [B, L, hidden] bf16 with at most ``MAX_ROWS`` token rows in all; ``norms`` the two
+    RMSNorm weights; ``linears`` per projection (query_key_value, dense, dense_h_to_4h,
+    dense_4h_to_h) a tuple ``(bits, weight, scales, bias, group)`` (bits 16 for a bf16 weight,
+    scales None there; bias None or bf16), or None for one this cannot run. The keys and values
+    of the step go into slots ``slot`` ..; attention reads ``key_len`` slots. The layer's own
+    kernels in the layer's order, so the result is bit for bit that of its modules; what it saves
+    is ~12 calls from Python a layer (docs/PERFORMANCE.md).
+    """
+    if x.dim() != 3 or rope.dim() != 4 or cache_k.dim() != 4 or cache_k.shape[-1] % 32 or None in linears:
+        return None
+    if any(c.stride(-1) != 1 or c.stride(2) != c.shape[-1] for c in (cache_k, cache_v)):
+        return None
+    op = _decode_op("decode_block", _tokens(x), x, *norms, rope, cache_k, cache_v)
+    if op is None or (cpu_kernels().kernel_set == "avx512bf16" and not _amx_available()):
+        return None
+    params, bits, groups = list(norms), [], []
+    for b, weight, scales, bias, group in linears:
+        params += [weight, _NONE if scales is None else scales, _NONE if bias is None else bias]
+        bits.append(b)
+        groups.append(group)
+    return op(x, params, bits, groups, rope, cache_k, cache_v, slot, key_len, heads, kv_heads, eps)
+
+
 @functools.lru_cache(maxsize=None)
 def _amx_available() -> bool:
     """Whether the kernels may use AMX here (asked of the OS once, by the kernel module)."""

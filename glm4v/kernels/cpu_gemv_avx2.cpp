@@ -567,6 +567,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &glm4v_kernels::stream_read, "read every byte of a tensor once (the bench's memory probe)");
+  m.def("decode_block", &glm4v_kernels::decode_block, "one GLM-4 decoder layer of a decode step, the layer's kernels in one call");
   m.def("rms_norm", &glm4v_kernels::rms_norm, "RMSNorm of bf16 rows with a bf16 weight (decode steps)");
   m.def("rope", &glm4v_kernels::rope_bf16, "RoPE of a decode step's heads in bf16, rounded as torch's ops round");
   m.def("rope_into_cache", &glm4v_kernels::rope_into_cache, "a decode step's q rotated; its rotated keys and values written into the cache");

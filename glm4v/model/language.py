@@ -13,6 +13,7 @@ from torch import nn
 from glm4v.config import GLM4VConfig
 from glm4v.kernels import (
     decode_attention,
+    decode_block,
     decode_rms_norm,
     decode_rope,
     decode_rope_into_cache,
@@ -181,6 +182,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def decode_gemv_args(self, x: torch.Tensor) -> tuple | None:
+        """What ``glm4v.kernels.decode_block`` needs of this layer for a decode step of ``x``
+        (bits, weight, scales, bias, group), or None where this layer must run on its own."""
+        w, b = self.weight, self.bias
+        if w.dtype is not torch.bfloat16 or not w.is_cpu or not w.is_contiguous():
+            return None
+        if b is not None and (b.dtype is not torch.bfloat16 or not b.is_cpu):
+            return None
+        return 16, w, None, b, 0
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: GLM4VConfig):
@@ -278,8 +289,41 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, step: StepContext, layer: int) -> torch.Tensor:
+        fused = self._decode_in_one_call(x, step, layer)
+        if fused is not None:
+            return fused
         x = x + self.self_attention(self.input_layernorm(x), step, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _decode_in_one_call(self, x: torch.Tensor, step: StepContext, layer: int) -> torch.Tensor | None:
+        """This layer for a decode step as one kernel call (``glm4v.kernels.decode_block``: the
+        same kernels as the modules below call, in their order), or None. Not when a module has
+        hooks (they would not run) or is not one of ours (a LoRA wrapper, say)."""
+        if step.cache is None or step.first_slot is None or step.mask is not None or step.causal:
+            return None
+        attention, mlp = self.self_attention, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        projections = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        if _hooked((attention, mlp, *norms, *projections)) or norms[0].eps != norms[1].eps:
+            return None
+        linears = [getattr(p, "decode_gemv_args", _not_ours)(x) for p in projections]
+        cache = step.cache
+        return decode_block(x, (norms[0].weight, norms[1].weight), norms[0].eps, linears, step.rope, cache.k[layer],
+                            cache.v[layer], step.first_slot, step.key_len, attention.num_heads,
+                            attention.num_kv_heads)
+
+
+def _not_ours(x: torch.Tensor) -> None:
+    return None
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook would see any of ``modules`` (so they must run as modules)."""
+    from torch.nn.modules import module as module_globals
+
+    if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class GLMTransformer(nn.Module):
