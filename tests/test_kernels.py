@@ -760,3 +760,24 @@ def test_decode_layer_runs_as_modules_where_hooks_or_other_modules_need_it(monke
     with torch.inference_mode():
         model(torch.tensor([[8]]), kv_cache=cache, logits_to_keep=1)
     assert len(calls) == 2 and None in calls[0][3] and None not in calls[1][3]
+
+
+def test_decode_layer_in_one_call_leaves_a_trained_projection_to_autograd():
+    """With autograd on and a projection's weight requiring grad, the layer runs as modules."""
+    import json
+
+    from glm4v.config import GLM4VConfig
+    from glm4v.model.glm4v import GLM4VForConditionalGeneration
+
+    config = json.loads((TINY_DIR / "config.json").read_text())
+    config.update(kv_channels=32, num_attention_heads=4)
+    model = GLM4VForConditionalGeneration(GLM4VConfig.from_dict(config, "tiny")).to(torch.bfloat16)
+    model.requires_grad_(False)
+    dense = model.transformer.encoder.layers[0].mlp.dense_4h_to_h
+    dense.weight.requires_grad_(True)
+    cache = model.allocate_cache(1, 8)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6]]), kv_cache=cache, logits_to_keep=1)
+    logits = model(torch.tensor([[7]]), kv_cache=cache, logits_to_keep=1).logits
+    logits.float().sum().backward()
+    assert dense.weight.grad is not None and dense.weight.grad.abs().sum() > 0

@@ -6,8 +6,9 @@ torch's own decode kernels stream the weights at 35-75 % of the memory bandwidth
 on AVX2 torch has no int4 kernel for our layout at all (docs/PERFORMANCE.md). Both also have a
 decode-step attention over the KV cache (the AVX-512 build's with AMX tiles, used where the CPU has
 AMX: Sapphire Rapids and later; the AVX2 build's in fp32): SDPA reads a cache that the step's
-weights pushed out of the CPU caches at a fraction of the bandwidth. ``cpu_common.h`` holds what
-both builds share.
+weights pushed out of the CPU caches at a fraction of the bandwidth. A decode step's whole decoder
+layer runs as one call of these kernels (``decode_block``). ``cpu_common.h`` holds what both builds
+share.
 
 glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
@@ -421,6 +422,8 @@ def decode_block(x: torch.Tensor, norms: tuple, eps: float, linears: list, rope:
     op = _decode_op("decode_block", _tokens(x), x, *norms, rope, cache_k, cache_v)
     if op is None or (cpu_kernels().kernel_set == "avx512bf16" and not _amx_available()):
         return None
+    if not _outside_autograd(*(t for lin in linears for t in lin[1:4] if t is not None)):
+        return None  # a projection being trained: its module keeps autograd's graph
     params, bits, groups = list(norms), [], []
     for b, weight, scales, bias, group in linears:
         params += [weight, _NONE if scales is None else scales, _NONE if bias is None else bias]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 from glm4v.config import GLM4VConfig
 from glm4v.kernels import (
@@ -319,8 +320,6 @@ def _not_ours(x: torch.Tensor) -> None:
 
 def _hooked(modules) -> bool:
     """Whether a forward hook would see any of ``modules`` (so they must run as modules)."""
-    from torch.nn.modules import module as module_globals
-
     if getattr(module_globals, "_global_forward_hooks", None) or getattr(module_globals, "_global_forward_pre_hooks", None):
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
