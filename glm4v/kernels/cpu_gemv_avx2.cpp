@@ -98,7 +98,9 @@ void int8_rows(const int16_t* xq, const float* xscale, const int8_t* w, const vo
     for (int64_t k = k0; k < k1; k += 16) {
       __m256i wv[R];
       for (int r = 0; r < R; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(ahead_in_stream(row[r], k + 1024, K, R), _MM_HINT_T0);
+        // 256 bytes ahead in each of the 8 rows: on a Zen 3 EPYC 1,024 made decode layers 11-13 % slower
+        // (interleaved), 512 and 2,048 slower too, 128 2 %; the hardware prefetchers do the rest.
+        if ((k & 63) == 0) _mm_prefetch(ahead_in_stream(row[r], k + 256, K, R), _MM_HINT_T0);
         wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + k)));
       }
       for (int m = 0; m < M; ++m) {
