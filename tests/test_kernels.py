@@ -558,14 +558,11 @@ def test_decode_attention_declines_what_it_does_not_cover():
         assert decode_attention(q.clone().requires_grad_(), k, v) is None  # training needs SDPA's backward
 
 
-@pytest.mark.skipif(cpu_kernels() is None or cpu_kernels().kernel_set not in _attention_builds(),
-                    reason="no decode attention kernel for this CPU")
-def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
-    """A bf16 model with 32-wide heads (the embedded model's): decode logits with the kernel match
-    those with SDPA, and the kernel ran in every layer of every decode step."""
+def _tiny_model_with_32_wide_heads():
+    """The tiny golden config with 32-wide heads (the embedded model's; the decode kernels need a
+    multiple of 32), random bf16 weights; returns (config, model)."""
     import json
 
-    import glm4v.model.language as language
     from glm4v.config import GLM4VConfig
     from glm4v.model.glm4v import GLM4VForConditionalGeneration
 
@@ -573,7 +570,17 @@ def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
     config.update(kv_channels=32, num_attention_heads=4)
     cfg = GLM4VConfig.from_dict(config, "tiny config, 32-wide heads")
     torch.manual_seed(0)
-    model = GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    return cfg, GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+
+
+@pytest.mark.skipif(cpu_kernels() is None or cpu_kernels().kernel_set not in _attention_builds(),
+                    reason="no decode attention kernel for this CPU")
+def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
+    """A bf16 model with 32-wide heads (the embedded model's): decode logits with the kernel match
+    those with SDPA, and the kernel ran in every layer of every decode step."""
+    import glm4v.model.language as language
+
+    cfg, model = _tiny_model_with_32_wide_heads()
     prompt = torch.randint(0, 1000, (1, 21))
 
     def decode_logits():
@@ -689,19 +696,11 @@ def test_build_loads_while_holding_the_lock(tmp_path, monkeypatch):
 def test_decode_layer_in_one_call_is_bitwise_the_layers_modules(fmt, batch, monkeypatch):
     """Decode steps run each decoder layer as one ``decode_block`` call, and their logits and KV
     cache are bit for bit what the layer's modules give one by one (query/key/value bias included)."""
-    import json
-
     import glm4v.model.language as language
-    from glm4v.config import GLM4VConfig
-    from glm4v.model.glm4v import GLM4VForConditionalGeneration
     from glm4v.quant import quantize_model
 
-    config = json.loads((TINY_DIR / "config.json").read_text())
-    config.update(kv_channels=32, num_attention_heads=4)
-    cfg = GLM4VConfig.from_dict(config, "tiny config, 32-wide heads")
+    cfg, model = _tiny_model_with_32_wide_heads()
     assert cfg.add_qkv_bias
-    torch.manual_seed(0)
-    model = GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
     for layer in model.transformer.encoder.layers:
         torch.nn.init.normal_(layer.self_attention.query_key_value.bias, std=0.5)
     if fmt != "bf16":
@@ -734,15 +733,9 @@ def test_decode_layer_in_one_call_is_bitwise_the_layers_modules(fmt, batch, monk
 def test_decode_layer_runs_as_modules_where_hooks_or_other_modules_need_it(monkeypatch):
     """A hook on a sub-module, or a projection that is not glm4v's (a LoRA wrapper), keeps the
     layer on its modules, so the hook runs and the wrapper's output counts."""
-    import json
-
     import glm4v.model.language as language
-    from glm4v.config import GLM4VConfig
-    from glm4v.model.glm4v import GLM4VForConditionalGeneration
 
-    config = json.loads((TINY_DIR / "config.json").read_text())
-    config.update(kv_channels=32, num_attention_heads=4)
-    model = GLM4VForConditionalGeneration(GLM4VConfig.from_dict(config, "tiny")).to(torch.bfloat16).eval()
+    _, model = _tiny_model_with_32_wide_heads()
     calls = []
     monkeypatch.setattr(language, "decode_block", lambda *a: calls.append(a) or None)
     seen = []
@@ -764,14 +757,7 @@ def test_decode_layer_runs_as_modules_where_hooks_or_other_modules_need_it(monke
 
 def test_decode_layer_in_one_call_leaves_a_trained_projection_to_autograd():
     """With autograd on and a projection's weight requiring grad, the layer runs as modules."""
-    import json
-
-    from glm4v.config import GLM4VConfig
-    from glm4v.model.glm4v import GLM4VForConditionalGeneration
-
-    config = json.loads((TINY_DIR / "config.json").read_text())
-    config.update(kv_channels=32, num_attention_heads=4)
-    model = GLM4VForConditionalGeneration(GLM4VConfig.from_dict(config, "tiny")).to(torch.bfloat16)
+    _, model = _tiny_model_with_32_wide_heads()
     model.requires_grad_(False)
     dense = model.transformer.encoder.layers[0].mlp.dense_4h_to_h
     dense.weight.requires_grad_(True)

@@ -389,14 +389,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     build computes it in fp32, the AVX-512 build with AMX tiles where the CPU has them. SDPA's
     flash kernel reads a cache that the weights pushed out of the CPU caches at a fraction of the
     memory bandwidth (docs/PERFORMANCE.md)."""
-    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] % 32 or any(t.stride(-1) != 1 for t in (q, k, v)):
+    if q.dim() != 4 or q.shape[-1] % 32 or q.stride(-1) != 1:
         return None
-    if k.stride(2) != k.shape[-1] or v.stride(2) != v.shape[-1]:
+    op = _attention_op("decode_attention", q.shape[2], k, v, q)
+    return None if op is None else op(q, k, v, q.shape[-1] ** -0.5)
+
+
+def _attention_op(name: str, tokens: int, cache_k: torch.Tensor, cache_v: torch.Tensor, *tensors: torch.Tensor):
+    """``_decode_op`` for a kernel that runs the decode attention over the cache views ``cache_k``,
+    ``cache_v`` [B, G, T, D]: only where their rows are contiguous with D a multiple of 32, and
+    (AVX-512 build) where AMX may be used; else None."""
+    if cache_k.dim() != 4 or cache_k.shape[-1] % 32:
         return None
-    op = _decode_op("decode_attention", q.shape[2], q, k, v)
+    if any(c.stride(-1) != 1 or c.stride(2) != c.shape[-1] for c in (cache_k, cache_v)):
+        return None
+    op = _decode_op(name, tokens, *tensors, cache_k, cache_v)
     if op is None or (cpu_kernels().kernel_set == "avx512bf16" and not _amx_available()):
         return None
-    return op(q, k, v, q.shape[-1] ** -0.5)
+    return op
 
 
 _NONE = torch.empty(0, dtype=torch.bfloat16)  # an absent bias or scale, for decode_block
@@ -415,12 +425,10 @@ def decode_block(x: torch.Tensor, norms: tuple, eps: float, linears: list, rope:
     kernels in the layer's order, so the result is bit for bit that of its modules; what it saves
     is ~12 calls from Python a layer (docs/PERFORMANCE.md).
     """
-    if x.dim() != 3 or rope.dim() != 4 or cache_k.dim() != 4 or cache_k.shape[-1] % 32 or None in linears:
+    if x.dim() != 3 or rope.dim() != 4 or None in linears:
         return None
-    if any(c.stride(-1) != 1 or c.stride(2) != c.shape[-1] for c in (cache_k, cache_v)):
-        return None
-    op = _decode_op("decode_block", _tokens(x), x, *norms, rope, cache_k, cache_v)
-    if op is None or (cpu_kernels().kernel_set == "avx512bf16" and not _amx_available()):
+    op = _attention_op("decode_block", _tokens(x), cache_k, cache_v, x, *norms, rope)
+    if op is None:
         return None
     if not _outside_autograd(*(t for lin in linears for t in lin[1:4] if t is not None)):
         return None  # a projection being trained: its module keeps autograd's graph
