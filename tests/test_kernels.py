@@ -444,15 +444,23 @@ def _amx_kernels():
 needs_amx = pytest.mark.skipif(_amx_kernels() is None, reason="no AVX-512 build with AMX here")
 
 
-def _attention_builds() -> list[str]:
-    """The builds whose decode attention runs here: the AVX2 one wherever it runs, the AVX-512 one
-    where the CPU has AMX."""
+def _attention_kernels() -> list[str]:
+    """Every decode attention that runs here: each build's ``decode_attention`` (the AVX-512 one
+    with AMX where the CPU has it) and, on an AVX-512 CPU, that build's FMA path on its own, the one
+    a CPU without AMX (Zen 4) runs."""
     if cpu_kernels() is None:
         return []
-    return [s for s in runnable_kernel_sets() if s == "avx2" or build(s).amx_available()]
+    sets = runnable_kernel_sets()
+    return sets + [f"{s}-fma" for s in sets if s == "avx512bf16"]
 
 
-every_attention_build = pytest.mark.parametrize("kernel_set", _attention_builds() or ["none"])
+every_attention_kernel = pytest.mark.parametrize("kernel", _attention_kernels() or ["none"])
+
+
+def attention_of(kernel: str):
+    if kernel.endswith("-fma"):
+        return kernels_of(kernel.removesuffix("-fma")).decode_attention_fma
+    return kernels_of(kernel).decode_attention
 
 
 def _cache_views(batch, groups, keys, dim, gen, spare=5):
@@ -474,18 +482,18 @@ def _attention_fp32(q, k, v):
     return out.transpose(1, 2).reshape(B, L, H * D)
 
 
-@every_attention_build
+@every_attention_kernel
 @pytest.mark.parametrize(
     "batch,heads,groups,tokens,keys,dim",
     [(1, 32, 2, 1, 1669, 128), (1, 32, 2, 1, 1, 128), (1, 32, 2, 1, 2, 128), (1, 32, 2, 3, 77, 128),
      (2, 4, 2, 4, 9, 32), (1, 40, 2, 2, 17, 128), (3, 8, 1, 4, 129, 64), (1, 6, 3, 1, 300, 96)],
 )
-def test_decode_attention_is_as_exact_as_sdpa(kernel_set, batch, heads, groups, tokens, keys, dim):
+def test_decode_attention_is_as_exact_as_sdpa(kernel, batch, heads, groups, tokens, keys, dim):
     """Grouped heads, several tokens, more than 16 rows per group, key counts off the 16/32 blocks."""
     gen = torch.Generator().manual_seed(keys)
     q = _queries(batch, heads, groups, tokens, dim, gen)
     k, v = _cache_views(batch, groups, keys, dim, gen)
-    got = kernels_of(kernel_set).decode_attention(q, k, v, dim**-0.5)
+    got = attention_of(kernel)(q, k, v, dim**-0.5)
     assert got.shape == (batch, tokens, heads * dim) and got.dtype == torch.bfloat16
     want = _attention_fp32(q, k, v)
     folded = q.reshape(batch, groups, heads // groups * tokens, dim)
@@ -496,9 +504,9 @@ def test_decode_attention_is_as_exact_as_sdpa(kernel_set, batch, heads, groups, 
     assert got_error.mean() <= 1.25 * sdpa_error.mean() + 1e-6
 
 
-@every_attention_build
+@every_attention_kernel
 @pytest.mark.parametrize("threads", [4, 16])
-def test_decode_attention_split_over_key_ranges_is_as_exact(kernel_set, threads):
+def test_decode_attention_split_over_key_ranges_is_as_exact(kernel, threads):
     """More threads than (row, group) tasks: the keys are split in ranges of at least 512 and the
     parts merged; the result is as exact as SDPA's."""
     gen = torch.Generator().manual_seed(threads)
@@ -507,7 +515,7 @@ def test_decode_attention_split_over_key_ranges_is_as_exact(kernel_set, threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernels_of(kernel_set).decode_attention(q, k, v, 128**-0.5).float()
+        got = attention_of(kernel)(q, k, v, 128**-0.5).float()
     finally:
         torch.set_num_threads(before)
     want = _attention_fp32(q, k, v)
@@ -517,13 +525,13 @@ def test_decode_attention_split_over_key_ranges_is_as_exact(kernel_set, threads)
     assert (got - want).abs().mean() <= 1.25 * sdpa_error.mean()
 
 
-@every_attention_build
-def test_decode_attention_survives_peaked_scores(kernel_set):
+@every_attention_kernel
+def test_decode_attention_survives_peaked_scores(kernel):
     """Scores in the hundreds (one key takes all the weight) neither overflow nor lose that key."""
     gen = torch.Generator().manual_seed(1)
     q = _queries(1, 4, 2, 1, 64, gen, scale=30.0)
     k, v = _cache_views(1, 2, 50, 64, gen)
-    got = kernels_of(kernel_set).decode_attention(q, k, v, 64**-0.5).float()
+    got = attention_of(kernel)(q, k, v, 64**-0.5).float()
     want = _attention_fp32(q, k, v)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() <= 2**-7 * want.abs().max()
@@ -573,8 +581,7 @@ def _tiny_model_with_32_wide_heads():
     return cfg, GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
 
 
-@pytest.mark.skipif(cpu_kernels() is None or cpu_kernels().kernel_set not in _attention_builds(),
-                    reason="no decode attention kernel for this CPU")
+@needs_kernels
 def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
     """A bf16 model with 32-wide heads (the embedded model's): decode logits with the kernel match
     those with SDPA, and the kernel ran in every layer of every decode step."""
@@ -689,8 +696,7 @@ def test_build_loads_while_holding_the_lock(tmp_path, monkeypatch):
     assert not _lock_is_held(lock_file)  # released after the load
 
 
-@pytest.mark.skipif(cpu_kernels() is None or cpu_kernels().kernel_set not in _attention_builds(),
-                    reason="no decode attention kernel for this CPU")
+@needs_kernels
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_layer_in_one_call_is_bitwise_the_layers_modules(fmt, batch, monkeypatch):
@@ -767,3 +773,47 @@ def test_decode_layer_in_one_call_leaves_a_trained_projection_to_autograd():
     logits = model(torch.tensor([[7]]), kv_cache=cache, logits_to_keep=1).logits
     logits.float().sum().backward()
     assert dense.weight.grad is not None and dense.weight.grad.abs().sum() > 0
+
+
+_WITHOUT_AMX = """
+import torch
+import glm4v.model.language as language
+from glm4v.kernels import cpu_kernels, decode_attention
+from tests.test_kernels import _cache_views, _queries, _tiny_model_with_32_wide_heads
+
+module = cpu_kernels()
+assert module.kernel_set == "avx512bf16" and not module.amx_available()
+gen = torch.Generator().manual_seed(0)
+q = _queries(1, 32, 2, 1, 128, gen)
+k, v = _cache_views(1, 2, 700, 128, gen)
+assert torch.equal(decode_attention(q, k, v), module.decode_attention_fma(q, k, v, 128**-0.5))
+
+cfg, model = _tiny_model_with_32_wide_heads()
+prompt = torch.randint(0, 1000, (1, 21))
+block = language.decode_block
+fused = []
+
+def decode(fuse):
+    language.decode_block = (lambda *a: fused.append(block(*a)) or fused[-1]) if fuse else (lambda *a: None)
+    cache = model.allocate_cache(1, 40)
+    with torch.inference_mode():
+        logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
+        for _ in range(3):
+            logits = model(logits[:, -1].float().argmax(-1, keepdim=True), kv_cache=cache, logits_to_keep=1).logits
+    return logits
+
+with_block = decode(True)
+assert len(fused) == 3 * cfg.num_layers and all(out is not None for out in fused)
+assert torch.equal(with_block, decode(False))
+print("ok")
+"""
+
+
+@pytest.mark.skipif("avx512bf16" not in runnable_kernel_sets() or cpu_kernels() is None,
+                    reason="no AVX-512 build here")
+def test_without_amx_the_avx512_build_runs_decode_layers_with_its_fma_attention():
+    """GLM4V_NO_AMX=1 (as on Zen 4, AVX-512 without AMX): ``decode_attention`` is the FMA path, and
+    decode layers still run as one ``decode_block`` call, bit for bit their modules."""
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_AMX], env={**os.environ, "GLM4V_NO_AMX": "1"},
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]

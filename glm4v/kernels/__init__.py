@@ -4,11 +4,12 @@ Two builds, picked by the CPU: ``cpu_gemv.cpp`` for AVX512-BF16 + VNNI CPUs and 
 for AVX2 + FMA CPUs without bf16 units. Each has bf16, int8 and int4 GEMVs for 1-4 token rows:
 torch's own decode kernels stream the weights at 35-75 % of the memory bandwidth on these CPUs, and
 on AVX2 torch has no int4 kernel for our layout at all (docs/PERFORMANCE.md). Both also have a
-decode-step attention over the KV cache (the AVX-512 build's with AMX tiles, used where the CPU has
-AMX: Sapphire Rapids and later; the AVX2 build's in fp32): SDPA reads a cache that the step's
-weights pushed out of the CPU caches at a fraction of the bandwidth. A decode step's whole decoder
-layer runs as one call of these kernels (``decode_block``). ``cpu_common.h`` holds what both builds
-share.
+decode-step attention over the KV cache (the AVX-512 build's with AMX tiles where the CPU has AMX:
+Sapphire Rapids and later, ``GLM4V_NO_AMX=1`` declines them; otherwise, and in the AVX2 build, in
+fp32 FMA with the query rows in the lanes, ``cpu_lane_attention.h``): SDPA reads a cache that the
+step's weights pushed out of the CPU caches at a fraction of the bandwidth. A decode step's whole
+decoder layer runs as one call of these kernels (``decode_block``). ``cpu_common.h`` holds the
+rest of what both builds share.
 
 glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
@@ -226,8 +227,8 @@ def build(chosen: str):
     source, flags = BUILDS[chosen]
     from torch.utils.cpp_extension import load
 
-    # the shared header is part of every build: a change to it must rebuild both
-    code = source.read_bytes() + source.with_name("cpu_common.h").read_bytes()
+    # the shared headers are part of every build: a change to one must rebuild both
+    code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     digest = hashlib.sha256(code + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("GLM4V_KERNEL_CACHE", Path.home() / ".cache" / "glm4v" / "kernels")) / digest
     cache.mkdir(parents=True, exist_ok=True)
@@ -397,16 +398,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def _attention_op(name: str, tokens: int, cache_k: torch.Tensor, cache_v: torch.Tensor, *tensors: torch.Tensor):
     """``_decode_op`` for a kernel that runs the decode attention over the cache views ``cache_k``,
-    ``cache_v`` [B, G, T, D]: only where their rows are contiguous with D a multiple of 32, and
-    (AVX-512 build) where AMX may be used; else None."""
+    ``cache_v`` [B, G, T, D]: only where their rows are contiguous with D a multiple of 32; else None."""
     if cache_k.dim() != 4 or cache_k.shape[-1] % 32:
         return None
     if any(c.stride(-1) != 1 or c.stride(2) != c.shape[-1] for c in (cache_k, cache_v)):
         return None
-    op = _decode_op(name, tokens, *tensors, cache_k, cache_v)
-    if op is None or (cpu_kernels().kernel_set == "avx512bf16" and not _amx_available()):
-        return None
-    return op
+    return _decode_op(name, tokens, *tensors, cache_k, cache_v)
 
 
 _NONE = torch.empty(0, dtype=torch.bfloat16)  # an absent bias or scale, for decode_block
@@ -438,10 +435,3 @@ def decode_block(x: torch.Tensor, norms: tuple, eps: float, linears: list, rope:
         bits.append(b)
         groups.append(group)
     return op(x, params, bits, groups, rope, cache_k, cache_v, slot, key_len, heads, kv_heads, eps)
-
-
-@functools.lru_cache(maxsize=None)
-def _amx_available() -> bool:
-    """Whether the kernels may use AMX here (asked of the OS once, by the kernel module)."""
-    module = cpu_kernels()
-    return module is not None and hasattr(module, "amx_available") and module.amx_available()

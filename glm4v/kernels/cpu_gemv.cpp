@@ -20,9 +20,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "cpu_common.h"
+#include "cpu_lane_attention.h"
 
 namespace {
 
@@ -271,7 +273,24 @@ inline __m512 round_to_bf16(__m512 v) {  // fp32 -> nearest bf16 (ties to even) 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-
+// ---- decode attention without AMX (Zen 4) ---------------------------------------------------
+// cpu_lane_attention.h with 16 lanes: the 16 query rows of a block are one vector, and 8 keys or
+// dimensions a pass give 8 independent sums for the two FMA pipes.
+struct Lanes {
+  using reg = __m512;
+  static constexpr int kWidth = 16, kCols = 8;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg broadcast_value(float f) { return _mm512_set1_ps(f); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static reg broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg exp(reg x) { return exp_ps(x); }
+  static reg load_bf16(const uint16_t* p) { return load_bf16x16(p, static_cast<__mmask16>(0xFFFF)); }
+};
 
 // ---- decode attention (AMX) -----------------------------------------------------------------
 // softmax(q k^T * scale) v for a decode step's few query tokens against the KV cache. One task
@@ -301,8 +320,11 @@ struct alignas(64) TileConfig {
 };
 
 // Linux hands out the AMX tile state only on request (once per process).
+// GLM4V_NO_AMX=1 declines it, as on a CPU without AMX (how the tests reach the Zen 4 path here).
 bool amx_ready() {
   static const bool ready = [] {
+    const char* declined = std::getenv("GLM4V_NO_AMX");
+    if (declined != nullptr && declined[0] != '\0' && std::strcmp(declined, "0") != 0) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
@@ -595,7 +617,7 @@ torch::Tensor swiglu(torch::Tensor h) {
 // are views of the KV cache; D a multiple of 32) -> softmax(q k^T * scale) v as [B, L, H * D]
 // bf16, the layout the output projection takes. Heads h of group g = h / (H / G) share its keys
 // and values. Needs AMX (amx_available()).
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+torch::Tensor amx_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(amx_ready(), "decode_attention: AMX is not available");
   const AttentionShape a = attention_shape(q, k, v, scale);
   const int64_t B = a.B, H = a.H, G = a.G, L = a.L, T = a.T, D = a.D;
@@ -631,6 +653,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// The decode attention: with AMX tiles where the CPU has them, else in fp32 FMA with the query
+// rows in the lanes (there each key and value row must be contiguous, as in the KV cache).
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  return amx_ready() ? amx_decode_attention(q, k, v, scale) : lane_attention::decode_attention<Lanes>(q, k, v, scale);
+}
+
+torch::Tensor fma_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  return lane_attention::decode_attention<Lanes>(q, k, v, scale);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_read", &glm4v_kernels::stream_read, "read every byte of a tensor once (the bench's memory probe)");
   m.def("decode_block", &glm4v_kernels::decode_block, "one GLM-4 decoder layer of a decode step, the layer's kernels in one call");
@@ -638,8 +670,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &swiglu, "silu(gate) * up of bf16 rows [gate | up], rounded as torch's ops round (decode steps)");
   m.def("rope", &glm4v_kernels::rope_bf16, "RoPE of a decode step's heads in bf16, rounded as torch's ops round");
   m.def("rope_into_cache", &glm4v_kernels::rope_into_cache, "a decode step's q rotated; its rotated keys and values written into the cache");
-  m.def("amx_available", &amx_ready, "whether this process may use the AMX tiles (decode_attention needs them)");
-  m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v of a decode step's few tokens against the KV cache, grouped heads (AMX)");
+  m.def("amx_available", &amx_ready, "whether this process may use the AMX tiles (decode_attention takes them where it may)");
+  m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v of a decode step's few tokens against the KV cache, grouped heads (AMX where the CPU has it, else fp32 FMA)");
+  m.def("decode_attention_fma", &fma_decode_attention, "decode_attention as a CPU without AMX runs it (fp32 FMA, the query rows in the lanes)");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
   m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX512-VNNI)");
   m.def("int4_gemv", &int4_gemv, "x [M<=4, K] @ int4 w^T, glm4v's 64-row block layout, group-wise scale/zero (AVX512-VNNI, VBMI)");
