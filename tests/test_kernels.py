@@ -817,3 +817,52 @@ def test_without_amx_the_avx512_build_runs_decode_layers_with_its_fma_attention(
     out = subprocess.run([sys.executable, "-c", _WITHOUT_AMX], env={**os.environ, "GLM4V_NO_AMX": "1"},
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]
+
+
+@pytest.mark.skipif("avx512bf16" not in runnable_kernel_sets() or cpu_kernels() is None,
+                    reason="no AVX-512 build here")
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group,rows", [(128, (0, 320)), (32, (128, 256)), (64, (64, 320))])
+def test_int4_expansion_of_the_avx512_build_is_bitwise_the_torch_ops(scale_dtype, out_dtype, group, rows, monkeypatch):
+    """W^T of a prefill's int4 product: the kernel's numbers are the torch ops' to the bit, for any
+    block range, scale dtype and output dtype; QuantizedLinear's prefill takes it."""
+    from glm4v import quant
+
+    gen = torch.Generator().manual_seed(group)
+    weight = torch.randn(320, 256, generator=gen) * 0.05
+    weight[:64, :group] *= 1000  # a group of huge values: large scales and shifts
+    layer = QuantizedLinear.from_weight(weight, None, "int4", group, scale_dtype)
+    start, stop = rows
+    got = torch.full((256, stop - start), float("nan"), dtype=out_dtype)
+    build("avx512bf16").int4_expand_t(layer.weight, layer.weight_scales_zeros, group, start, stop, got)
+    want = torch.empty_like(got)
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: None)
+    layer._expand_int4_transposed(start, stop, want, out_dtype)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="whole 64-row blocks"):
+        build("avx512bf16").int4_expand_t(layer.weight, layer.weight_scales_zeros, group, 32, 96, got[:, :64])
+
+
+@pytest.mark.skipif(cpu_kernels() is None or not hasattr(cpu_kernels(), "int4_expand_t"),
+                    reason="no int4 expansion kernel in this CPU's build")
+def test_int4_prefill_products_expand_with_the_kernel(monkeypatch):
+    from glm4v import quant
+
+    layer = QuantizedLinear.from_weight(torch.randn(128, 256) * 0.05, None, "int4", 128, torch.bfloat16)
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    module, calls = cpu_kernels(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "int4_expand_t":
+                return lambda *a: calls.append(a) or module.int4_expand_t(*a)
+            return getattr(module, name)
+
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: Counting())
+    with torch.inference_mode():
+        got = layer(x)
+    assert calls
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: None)
+    with torch.inference_mode():
+        assert torch.equal(got, layer(x))
