@@ -358,6 +358,30 @@ def paired_probe(device, size: int):
     return probe
 
 
+def paired_matmul_probe(device, shapes: dict | None = None):
+    """A function of a shape's name (a key of ``shapes``, default ``MATMUL_SHAPES``) returning the
+    bf16 matmul throughput (GFLOP/s) right now: one product of that shape, on the path the model's
+    bf16 products take. Called after each vision encode and each prefill, so each has its own peak,
+    as each decode step has its own bandwidth: on a shared host the peak moved 776-2134 GFLOP/s
+    within an hour, and the probes at the start and end of a run can be far from what a format's
+    products had minutes later (docs/PERFORMANCE.md)."""
+    from glm4v.kernels import linear
+
+    operands = {name: (torch.randn(m, k, device=device).to(torch.bfloat16),
+                       torch.randn(n, k, device=device).to(torch.bfloat16), 2 * m * k * n)
+                for name, (m, k, n) in (shapes or MATMUL_SHAPES).items()}
+
+    def probe(name: str) -> float:
+        a, w, flops = operands[name]
+        _sync(device)
+        start = time.perf_counter()
+        linear(a, w)
+        _sync(device)
+        return flops / (time.perf_counter() - start) / 1e9
+
+    return probe
+
+
 def _warm_up(fn, device, seconds: float = 1.0) -> None:
     _sync(device)
     start = time.perf_counter()
@@ -629,15 +653,17 @@ def _run_turns(model, spec: dict, device) -> dict:
     lm_layers = list(model.transformer.encoder.layers)
     v_timer, lm_timer = LayerTimer(vision_layers, device), LayerTimer(lm_layers, device)
     nv, nl = len(vision_layers), len(lm_layers)
-    probe = None
+    probe = matmul_probe = None
     if not spec["skip_limits"]:
         default = max(256 << 20, 4 * _l3_bytes()) if device.type == "cpu" else 1 << 30
         probe = paired_probe(device, spec.get("probe_bytes") or default)
+        matmul_probe = paired_matmul_probe(device, spec.get("matmul_probe_shapes"))
     runs = []
     try:
         with torch.inference_mode():
             for _ in range(spec["repeats"] + 1):  # the first run warms up (page faults, allocator) and is dropped
-                runs.append(_one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, probe))
+                runs.append(_one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, probe,
+                                              matmul_probe))
     finally:
         v_timer.remove()
         lm_timer.remove()
@@ -682,7 +708,15 @@ def _run_turns(model, spec: dict, device) -> dict:
     paired = [decode_bytes_full / (step - layers + OFFICIAL_LM_LAYERS * layers / nl) / GB / bw
               for r in runs for (step, layers), bw in zip(r["decode_steps"], r["decode_probe_gbs"])]
     vision_layer_bytes = _module_bytes(vision_layers[0])
+    # The vision and prefill layers against the matmul peak measured right after them, likewise.
+    matmul_paired = {}
+    if runs[0].get("vision_probe_gflops") is not None:
+        for part, flops, count in (("vision", v_layer_flops, nv), ("prefill", p_layer_flops, nl)):
+            matmul_paired[f"{part}_probe_gflops"] = statistics.median(r[f"{part}_probe_gflops"] for r in runs)
+            matmul_paired[f"{part}_matmul_fraction_paired"] = statistics.median(
+                flops / (r[f"{part}_layers_s"] / count) / 1e9 / r[f"{part}_probe_gflops"] for r in runs)
     return {
+        **matmul_paired,
         "prefill_tokens": L, "decode_context": T,
         "vision_s_per_layer": v_layer, "vision_s_per_image": vision_full,
         "vision_s_measured": med("vision_total_s"),
@@ -702,7 +736,7 @@ def _run_turns(model, spec: dict, device) -> dict:
     }
 
 
-def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, probe=None) -> dict:
+def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, probe=None, matmul_probe=None) -> dict:
     cfg = model.config
     out = {}
     v_timer.take(), lm_timer.take()
@@ -712,6 +746,8 @@ def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, 
     _sync(device)
     out["vision_total_s"] = time.perf_counter() - t0
     out["vision_layers_s"] = v_timer.take()
+    if matmul_probe is not None:
+        out["vision_probe_gflops"] = matmul_probe("vision_mlp")
 
     image_slots = features.shape[1]
     L = ids.shape[1] - 3 + image_slots
@@ -727,6 +763,8 @@ def _one_conversation(model, ids, pixels, spec, device, v_timer, lm_timer, gen, 
     t0 = time.perf_counter()
     token = int(torch.argmax(logits.float()))
     out["first_token_s"] = time.perf_counter() - t0
+    if matmul_probe is not None:
+        out["prefill_probe_gflops"] = matmul_probe("prefill_mlp")
 
     fed = ids[0].tolist()
     steps, bandwidth = [], []
@@ -840,9 +878,13 @@ def format_table(report: dict) -> str:
         ("vision s/layer", "vision_s_per_layer", "{:.2f}"),
         ("vision s/image (63 L, extrap.)", "vision_s_per_image", "{:.1f}"),
         ("vision % of matmul peak", "vision_matmul_fraction", "{:.0%}"),
+        ("  matmul after each image (GFLOP/s)", "vision_probe_gflops", "{:.0f}"),
+        ("  layers % of it (median)", "vision_matmul_fraction_paired", "{:.0%}"),
         ("prefill s/layer", "prefill_s_per_layer", "{:.3f}"),
         ("prefill tok/s (40 L, extrap.)", "prefill_tok_s", "{:.1f}"),
         ("prefill % of matmul peak", "prefill_matmul_fraction", "{:.0%}"),
+        ("  matmul after each prefill (GFLOP/s)", "prefill_probe_gflops", "{:.0f}"),
+        ("  layers % of it (median)", "prefill_matmul_fraction_paired", "{:.0%}"),
         ("decode ms/layer", "decode_ms_per_layer", "{:.2f}"),
         ("decode tok/s (40 L, extrap.)", "decode_tok_s", "{:.2f}"),
         ("decode % of bandwidth roofline", "decode_roofline_fraction", "{:.0%}"),

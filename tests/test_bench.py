@@ -32,7 +32,7 @@ def report(tmp_path_factory, monkeypatch_module):
         "lm_layers": 2, "vision_layers": 1, "formats": ["bf16", "int4"], "group_size": 32, "repeats": 2,
         "decode_tokens": 3, "text_tokens": 9, "turn2_tokens": 5, "image_size": 56, "threads": 0, "device": "cpu",
         "workdir": str(tmp_path_factory.mktemp("bench")), "keep": False, "skip_limits": False, "widths": TINY_WIDTHS,
-        "probe_bytes": 8 << 20,
+        "probe_bytes": 8 << 20, "matmul_probe_shapes": {"vision_mlp": (64, 64, 128), "prefill_mlp": (64, 64, 256)},
     }
     return bench.run_benchmark(options, log=lambda msg: None)
 
@@ -67,6 +67,13 @@ def test_report_has_every_required_number(report):
         per_step = sorted(r["decode_bytes_per_token"] / (step - layers + 40 * layers / 2) / bench.GB / bw
                           for run in r["raw"] for (step, layers), bw in zip(run["decode_steps"], run["decode_probe_gbs"]))
         assert r["decode_roofline_fraction_paired"] == pytest.approx(statistics.median(per_step))
+        # every image and every prefill has the matmul peak measured right after it, and its layers' share
+        for part, layers in (("vision", 1), ("prefill", 2)):
+            probes = [run[f"{part}_probe_gflops"] for run in r["raw"]]
+            assert all(p > 0 for p in probes) and r[f"{part}_probe_gflops"] == statistics.median(probes)
+            shares = [r[f"{part}_layer_flops"] / (run[f"{part}_layers_s"] / layers) / 1e9 / run[f"{part}_probe_gflops"]
+                      for run in r["raw"]]
+            assert r[f"{part}_matmul_fraction_paired"] == pytest.approx(statistics.median(shares))
     assert "prequantized_load_s" in report["formats"]["int4"]
     overhead = report["decode_overhead"]
     assert overhead["per_layer_ms"] > 0 and overhead["per_layer_ms_1_thread"] > 0
@@ -102,6 +109,7 @@ def test_table_labels_extrapolation(report):
     assert "EXTRAPOLATED to 40 + 63 layers" in table
     assert "decode % of bandwidth roofline" in table and "int4" in table
     assert "% of it, step by step (median)" in table
+    assert "matmul after each image (GFLOP/s)" in table and "matmul after each prefill (GFLOP/s)" in table
 
 
 def test_bad_arguments_exit_with_a_message(capsys):
