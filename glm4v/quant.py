@@ -387,7 +387,9 @@ class QuantizedLinear(nn.Module):
         K, g = self.in_features, self.group_size
         n = stop - start
         expand = getattr(cpu_kernels(), "int4_expand_t", None) if out_kn.device.type == "cpu" else None
-        if expand is not None and dtype in (torch.bfloat16, torch.float32) and self.weight.is_contiguous():
+        floats = (torch.bfloat16, torch.float32)
+        if (expand is not None and dtype in floats and self.weight_scales_zeros.dtype in floats
+                and self.weight.is_contiguous()):
             expand(self.weight, self.weight_scales_zeros.contiguous(), g, start, stop, out_kn)
             return out_kn
         nb, groups, half = n // INT4_BLOCK_ROWS, K // g, INT4_BLOCK_ROWS // 2

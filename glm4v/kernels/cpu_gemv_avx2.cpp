@@ -213,6 +213,7 @@ void int4_block(const int16_t* pairs, const float* xscale, const float* xsum,
   for (int m = 0; m < M; ++m) std::memcpy(out + m * N + block * 64, total[m], 64 * sizeof(float));
 }
 
+// ---- e^x (SwiGLU and the decode attention) ------------------------------------------------
 // e^x: 2^n * e^r with |r| <= ln2 / 2, degree-7 Taylor (as the AVX-512 build's). x is first clamped
 // to [-87, 89]: below -87 the result stays at e^-87 (~1.6e-38, where 2^n is still a normal float;
 // expf would go on into subnormals), from 88.4 on it is inf (expf: from 88.72). NaN stays NaN.
