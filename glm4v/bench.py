@@ -362,7 +362,7 @@ def paired_matmul_probe(device, shapes: dict | None = None):
     """A function of a shape's name (a key of ``shapes``, default ``MATMUL_SHAPES``) returning the
     bf16 matmul throughput (GFLOP/s) right now: one product of that shape, on the path the model's
     bf16 products take. Called after each vision encode and each prefill, so each has its own peak,
-    as each decode step has its own bandwidth: on a shared host the peak moved 776-2134 GFLOP/s
+    as each decode step has its own bandwidth: on a shared host the peak moved 776-2408 GFLOP/s
     within an hour, and the probes at the start and end of a run can be far from what a format's
     products had minutes later (docs/PERFORMANCE.md)."""
     from glm4v.kernels import linear
