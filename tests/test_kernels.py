@@ -581,6 +581,20 @@ def _tiny_model_with_32_wide_heads():
     return cfg, GLM4VForConditionalGeneration(cfg).to(torch.bfloat16).eval()
 
 
+def _greedy_decode(model, prompt, steps=3):
+    """Prefill ``prompt`` [B, T] into a fresh 40-slot cache, then ``steps`` greedy decode steps;
+    returns (their last-position logits stacked [steps * B, 1, vocab], the cache)."""
+    cache = model.allocate_cache(prompt.shape[0], 40)
+    out = []
+    with torch.inference_mode():
+        logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
+        for _ in range(steps):
+            token = logits[:, -1].float().argmax(-1, keepdim=True)
+            logits = model(token, kv_cache=cache, logits_to_keep=1).logits
+            out.append(logits)
+    return torch.cat(out), cache
+
+
 @needs_kernels
 def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
     """A bf16 model with 32-wide heads (the embedded model's): decode logits with the kernel match
@@ -591,15 +605,7 @@ def test_decode_steps_use_the_attention_kernel_and_match_sdpa(monkeypatch):
     prompt = torch.randint(0, 1000, (1, 21))
 
     def decode_logits():
-        cache = model.allocate_cache(1, 40)
-        steps = []
-        with torch.inference_mode():
-            logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
-            for _ in range(3):
-                token = logits[:, -1].float().argmax(-1, keepdim=True)
-                logits = model(token, kv_cache=cache, logits_to_keep=1).logits
-                steps.append(logits.float())
-        return torch.cat(steps)
+        return _greedy_decode(model, prompt)[0].float()
 
     outputs = []
     kernel = language.decode_attention
@@ -714,24 +720,13 @@ def test_decode_layer_in_one_call_is_bitwise_the_layers_modules(fmt, batch, monk
         assert f"int{fmt[-1]}" in plan.values()
     prompt = torch.randint(0, 1000, (batch, 21))
 
-    def decode():
-        cache = model.allocate_cache(batch, 40)
-        steps = []
-        with torch.inference_mode():
-            logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
-            for _ in range(3):
-                token = logits[:, -1].float().argmax(-1, keepdim=True)
-                logits = model(token, kv_cache=cache, logits_to_keep=1).logits
-                steps.append(logits)
-        return torch.cat(steps), cache
-
     fused = []
     block = language.decode_block
     monkeypatch.setattr(language, "decode_block", lambda *a: fused.append(block(*a)) or fused[-1])
-    logits, cache = decode()
+    logits, cache = _greedy_decode(model, prompt)
     assert len(fused) == 3 * cfg.num_layers and all(out is not None for out in fused)
     monkeypatch.setattr(language, "decode_block", lambda *a: None)
-    want_logits, want_cache = decode()
+    want_logits, want_cache = _greedy_decode(model, prompt)
     assert torch.equal(logits, want_logits)
     assert torch.equal(cache.k, want_cache.k) and torch.equal(cache.v, want_cache.v)
 
@@ -779,7 +774,7 @@ _WITHOUT_AMX = """
 import torch
 import glm4v.model.language as language
 from glm4v.kernels import cpu_kernels, decode_attention
-from tests.test_kernels import _cache_views, _queries, _tiny_model_with_32_wide_heads
+from tests.test_kernels import _cache_views, _greedy_decode, _queries, _tiny_model_with_32_wide_heads
 
 module = cpu_kernels()
 assert module.kernel_set == "avx512bf16" and not module.amx_available()
@@ -795,12 +790,7 @@ fused = []
 
 def decode(fuse):
     language.decode_block = (lambda *a: fused.append(block(*a)) or fused[-1]) if fuse else (lambda *a: None)
-    cache = model.allocate_cache(1, 40)
-    with torch.inference_mode():
-        logits = model(prompt, kv_cache=cache, logits_to_keep=1).logits
-        for _ in range(3):
-            logits = model(logits[:, -1].float().argmax(-1, keepdim=True), kv_cache=cache, logits_to_keep=1).logits
-    return logits
+    return _greedy_decode(model, prompt)[0]
 
 with_block = decode(True)
 assert len(fused) == 3 * cfg.num_layers and all(out is not None for out in fused)
