@@ -552,6 +552,91 @@ def test_decode_attention_leaves_torchs_amx_products_working():
                        F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
 
 
+def _vision_qkv(batch, heads, groups, tokens, dim, gen, scale=1.0):
+    """q [B, H, L, D] and k, v [B, G, L, D] as VisionAttention passes them: views of one QKV output."""
+    qkv = (torch.randn(batch, tokens, heads + 2 * groups, dim, generator=gen) * scale).to(torch.bfloat16)
+    heads_first = qkv.transpose(1, 2)
+    return heads_first[:, :heads], heads_first[:, heads : heads + groups], heads_first[:, heads + groups :]
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "batch,heads,groups,tokens,keys,dim",
+    # the vision tower's heads (112 wide: 3.5 chunks of 32) over one and several 512-key blocks,
+    # queries off the 64-row tasks, keys off the 16/32/512 blocks, grouped heads, narrow heads
+    [(1, 4, 4, 700, 700, 112), (1, 2, 2, 1, 1, 112), (2, 4, 2, 70, 300, 112), (1, 3, 3, 129, 1300, 64),
+     (1, 2, 1, 64, 1025, 128), (1, 2, 2, 33, 600, 16), (1, 2, 2, 5, 7, 32)],
+)
+def test_vision_attention_is_as_exact_as_sdpa(batch, heads, groups, tokens, keys, dim):
+    from glm4v.kernels import vision_attention
+
+    gen = torch.Generator().manual_seed(tokens + keys)
+    q = _vision_qkv(batch, heads, groups, tokens, dim, gen)[0]
+    _, k, v = _vision_qkv(batch, heads, groups, keys, dim, gen, scale=2.0)
+    got = vision_attention(q, k, v)
+    assert got.shape == (batch, tokens, heads * dim) and got.dtype == torch.bfloat16
+    want = _attention_fp32(q, k, v)
+    rep = heads // groups
+    sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+    sdpa = sdpa.transpose(1, 2).reshape(batch, tokens, heads * dim).float()
+    got_error, sdpa_error = (got.float() - want).abs(), (sdpa - want).abs()
+    assert got_error.max() <= max(2 * sdpa_error.max().item(), 2**-8 * want.abs().max().item())
+    assert got_error.mean() <= 1.25 * sdpa_error.mean() + 1e-6
+
+
+@needs_amx
+def test_vision_attention_survives_peaked_and_rising_scores():
+    """Scores in the hundreds, and maxima that rise block after block (the lazy maximum has to
+    rescale what it summed): finite, and as close to fp32 as a bf16 result can be."""
+    from glm4v.kernels import vision_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _vision_qkv(1, 2, 2, 100, 64, gen, scale=6.0)
+    ramp = torch.linspace(0.2, 3.0, 100).view(1, 1, 100, 1)  # later keys score ever higher
+    k = (k.float() * ramp).to(torch.bfloat16)
+    k = torch.cat([k] * 12, dim=2)  # 1,200 keys: three blocks
+    v = torch.cat([v] * 12, dim=2)
+    got = vision_attention(q, k, v).float()
+    want = _attention_fp32(q, k, v)
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 2**-7 * want.abs().max()
+
+
+@needs_amx
+def test_vision_tower_attention_takes_the_kernel_and_matches_sdpa(monkeypatch):
+    """VisionAttention runs the kernel on bf16 CPU inference and gives SDPA's result within its error."""
+    from glm4v.config import VisionConfig
+    from glm4v.model import vision
+
+    config = VisionConfig(hidden_size=448, num_hidden_layers=1, num_heads=4, intermediate_size=64, patch_size=14,
+                          image_size=56, num_positions=17)
+    torch.manual_seed(0)
+    attention = vision.VisionAttention(config).to(torch.bfloat16).eval()
+    x = torch.randn(2, 300, 448).to(torch.bfloat16)
+    calls = []
+    kernel = vision.vision_attention
+    monkeypatch.setattr(vision, "vision_attention", lambda *a: calls.append(1) or kernel(*a))
+    with torch.inference_mode():
+        got = attention(x)
+        assert calls
+        monkeypatch.setattr(vision, "vision_attention", lambda *a: None)
+        sdpa = attention(x)
+        want = attention.float()(x.float())
+    assert (got.float() - want).abs().mean() <= 1.25 * (sdpa.float() - want).abs().mean() + 1e-6
+
+
+def test_vision_attention_declines_what_it_does_not_cover():
+    from glm4v.kernels import vision_attention
+
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = _vision_qkv(1, 2, 2, 20, 32, gen)
+    assert vision_attention(q.float(), k.float(), v.float()) is None
+    assert vision_attention(q[..., :31], k[..., :31], v[..., :31]) is None  # odd head width
+    assert vision_attention(q.transpose(-1, -2), k, v) is None
+    trained = q.detach().clone().requires_grad_()
+    assert vision_attention(trained, k, v) is None  # autograd keeps SDPA's backward
+
+
 def test_decode_attention_declines_what_it_does_not_cover():
     from glm4v.kernels import decode_attention
 
@@ -795,6 +880,8 @@ def decode(fuse):
 with_block = decode(True)
 assert len(fused) == 3 * cfg.num_layers and all(out is not None for out in fused)
 assert torch.equal(with_block, decode(False))
+from glm4v.kernels import vision_attention
+assert vision_attention(q, k, v) is None  # the vision tower keeps SDPA without AMX
 print("ok")
 """
 

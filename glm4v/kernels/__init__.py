@@ -396,6 +396,23 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return None if op is None else op(q, k, v, q.shape[-1] ** -0.5)
 
 
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``softmax(q k^T / sqrt(D)) v`` without a mask, for the vision tower's heads ``q`` [B, H, L, D]
+    and ``k``, ``v`` [B, G, T, D] (views of its QKV projection), as [B, L, H * D] bf16; or None where
+    the AMX kernel does not apply (no AMX, not bf16 CPU tensors, under autograd). It overlaps the
+    softmax with the tile products, which SDPA's flash kernel runs in turn (docs/PERFORMANCE.md)."""
+    tensors = (q, k, v)
+    if any(t.dim() != 4 or t.stride(-1) != 1 or t.dtype is not torch.bfloat16 or not t.is_cpu for t in tensors):
+        return None
+    if q.shape[-1] % 2 or any(s % 2 for s in q.stride()[:3]) or not _outside_autograd(*tensors):
+        return None
+    module = cpu_kernels()
+    op = getattr(module, "vision_attention", None)
+    if op is None or not module.amx_available():
+        return None
+    return op(q, k, v, q.shape[-1] ** -0.5)
+
+
 def _attention_op(name: str, tokens: int, cache_k: torch.Tensor, cache_v: torch.Tensor, *tensors: torch.Tensor):
     """``_decode_op`` for a kernel that runs the decode attention over the cache views ``cache_k``,
     ``cache_v`` [B, G, T, D]: only where their rows are contiguous with D a multiple of 32; else None."""

@@ -20,6 +20,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <vector>
 
@@ -568,6 +572,285 @@ void merge_parts(const AttentionPart* parts, int64_t count, const AttentionShape
   }
 }
 
+
+// ---- vision attention (AMX) -----------------------------------------------------------------
+// softmax(q k^T * scale) v over every token of an image (the vision tower: 6,401 tokens, 16 heads
+// of 112, no mask), fused as flash attention does: the scores of a 64-query x 512-key block live
+// only in L2. Why not SDPA: its flash kernel (AMX products, fp32 softmax) runs the two products
+// and the softmax one after the other, and took ~45 % of a vision layer's time at ~750 GFLOP/s,
+// a third of the matmul peak. Here the tile unit and the vector unit work at once: the
+// exponentials of block n are computed between the tile products of block n + 1's scores, and the
+// maxima of block n + 1 between those of block n's P V product (docs/PERFORMANCE.md has the A/B).
+//
+// Layouts, all transposed so that each query is one vector lane and each tile is contiguous:
+//   keys  A tiles [T/16][D/32][16 keys][32 dims]; values V^T A tiles [T/32][D/16][16 dims][32 keys]
+//   (packed once per KV head, zero padded); queries Q^T B tiles [4][D/32][16 dim pairs][16 queries].
+//   S^T = K Q^T: C tiles [keys][queries] fp32, so the softmax runs down the keys, one lane a query.
+//   P^T: B tiles [key pairs][queries] bf16 pairs (VNNI), O^T += V^T P^T: C tiles [dims][queries].
+// Maxima are raised lazily: only where a block's maximum exceeds the running one by 2^8, so the
+// exponentials stay below 2^8 and rescaling O (a pass over it) is rare after the first block. P is
+// rounded to bf16 for its product, as SDPA's kernel does; sums are fp32.
+
+// 2^x for finite x: 2^n * 2^r, |r| <= 1/2, degree-6 Taylor (error ~1e-7); VSCALEFPS gives 0 below the range.
+inline __m512 exp2_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022650695910072f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int64_t kFlashQueries = 64, kFlashQueryTiles = kFlashQueries / kTileRows, kFlashKeys = 512;
+constexpr float kLazyMax = 8.f;  // log2 units
+
+struct FlashShape {
+  int64_t B, H, G, L, T, D, rep;
+  int64_t q_b, q_h, q_l, k_b, k_g, k_t, v_b, v_g, v_t;
+  int64_t key_chunks, value_tiles;  // D / 32 and D / 16, rounded up
+  float scale_log2;                 // scale * log2(e): exponentials as powers of 2
+};
+
+// row t of query tile j in the score block s, and the P^T row of the key pair (t, t + 1)
+inline const float* score_row(const float* s, int64_t j, int64_t t) {
+  return s + ((t >> 4) * kFlashQueryTiles + j) * 256 + (t & 15) * 16;
+}
+inline uint32_t* p_row(uint32_t* pt, int64_t j, int64_t t) {
+  return pt + ((t >> 5) * kFlashQueryTiles + j) * 256 + ((t & 31) >> 1) * 16;
+}
+
+// Exponentials of one score block, a step (two keys of one query tile) at a time, resumable: the
+// score products of the next block call it between their tile products.
+struct BlockSoftmax {
+  const float* s;
+  uint32_t* pt;
+  const float* m;  // running maxima (log2 units)
+  float* l;        // running sums
+  int64_t keys, pairs;  // valid keys; key pairs written (a multiple of 16: the zero tail of the last tile)
+  __m512 scale_log2;
+  __m512i interleave;
+  mutable int64_t j = 0, t = 0;
+  inline void run(int64_t steps) const {
+    for (; steps > 0 && j < kFlashQueryTiles; --steps) {
+      const __m512 mj = _mm512_loadu_ps(m + 16 * j);
+      const __mmask16 v0 = t < keys ? 0xFFFF : 0, v1 = t + 1 < keys ? 0xFFFF : 0;
+      const __m512 e0 = _mm512_maskz_mov_ps(v0, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(score_row(s, j, t)), scale_log2, mj)));
+      const __m512 e1 = _mm512_maskz_mov_ps(v1, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(score_row(s, j, t + 1)), scale_log2, mj)));
+      _mm512_storeu_ps(l + 16 * j, _mm512_add_ps(_mm512_loadu_ps(l + 16 * j), _mm512_add_ps(e0, e1)));
+      _mm512_storeu_si512(p_row(pt, j, t), _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
+      t += 2;
+      if (t == 2 * pairs) t = 0, ++j;
+    }
+  }
+};
+
+// The largest score per query lane of one block, four keys a step, resumable (the P V product of
+// the previous block calls it).
+struct BlockMax {
+  const float* s;
+  float* top;
+  int64_t keys;
+  mutable int64_t j = 0, t = 0;
+  inline void run(int64_t steps) const {
+    for (; steps > 0 && j < kFlashQueryTiles && keys > 0; --steps) {
+      __m512 x = _mm512_loadu_ps(score_row(s, j, t));
+      if (t + 4 <= keys) {
+        x = _mm512_max_ps(_mm512_max_ps(x, _mm512_loadu_ps(score_row(s, j, t + 1))),
+                          _mm512_max_ps(_mm512_loadu_ps(score_row(s, j, t + 2)), _mm512_loadu_ps(score_row(s, j, t + 3))));
+        t += 4;
+      } else {
+        t += 1;
+      }
+      _mm512_storeu_ps(top + 16 * j, _mm512_max_ps(_mm512_loadu_ps(top + 16 * j), x));
+      if (t >= keys) t = 0, ++j;
+    }
+  }
+};
+
+// S^T of one key block (32 key rows x 32 queries per four tile products) into s; `softmax`, when
+// given, advances between the products.
+__attribute__((target("amx-tile,amx-bf16")))
+void block_scores(const uint16_t* kblock, const uint32_t* qt, float* s, int64_t tiles32, int64_t chunks,
+                  const BlockSoftmax* softmax, int64_t steps) {
+  const int64_t calls = tiles32 * (kFlashQueryTiles / 2) * chunks, per_call = (steps + calls - 1) / calls;
+  for (int64_t i2 = 0; i2 < tiles32; ++i2)
+    for (int64_t jp = 0; jp < kFlashQueryTiles / 2; ++jp) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(4, kblock + ((2 * i2) * chunks + c) * 512, 64);
+        _tile_loadd(5, kblock + ((2 * i2 + 1) * chunks + c) * 512, 64);
+        _tile_loadd(6, qt + ((2 * jp) * chunks + c) * 256, 64);
+        _tile_loadd(7, qt + ((2 * jp + 1) * chunks + c) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        if (softmax != nullptr) softmax->run(per_call);
+      }
+      _tile_stored(0, s + ((2 * i2) * kFlashQueryTiles + 2 * jp) * 256, 64);
+      _tile_stored(1, s + ((2 * i2) * kFlashQueryTiles + 2 * jp + 1) * 256, 64);
+      _tile_stored(2, s + ((2 * i2 + 1) * kFlashQueryTiles + 2 * jp) * 256, 64);
+      _tile_stored(3, s + ((2 * i2 + 1) * kFlashQueryTiles + 2 * jp + 1) * 256, 64);
+    }
+  if (softmax != nullptr) softmax->run(steps);
+}
+
+// O^T += V^T P^T for one key block: two dimension tiles x two query tiles at a time, an odd last
+// dimension tile x all four query tiles; `next_max` advances between the products.
+__attribute__((target("amx-tile,amx-bf16")))
+void block_values(const uint16_t* vblock, const uint32_t* pt, float* o, int64_t tiles32, int64_t value_tiles,
+                  const BlockMax& next_max) {
+  constexpr int64_t QT = kFlashQueryTiles;
+  const int64_t DT = value_tiles;
+  const int64_t calls = (DT / 2 * (QT / 2) + DT % 2) * tiles32;
+  const int64_t per_call = (QT * (kFlashKeys / 4 + 3) + calls - 1) / calls;
+  for (int64_t dp = 0; dp + 1 < DT; dp += 2)
+    for (int64_t jp = 0; jp < QT / 2; ++jp) {
+      float* o0 = o + (dp * QT + 2 * jp) * 256;
+      float* o1 = o + ((dp + 1) * QT + 2 * jp) * 256;
+      _tile_loadd(0, o0, 64);
+      _tile_loadd(1, o0 + 256, 64);
+      _tile_loadd(2, o1, 64);
+      _tile_loadd(3, o1 + 256, 64);
+      for (int64_t kc = 0; kc < tiles32; ++kc) {
+        _tile_loadd(4, vblock + (kc * DT + dp) * 512, 64);
+        _tile_loadd(5, vblock + (kc * DT + dp + 1) * 512, 64);
+        _tile_loadd(6, pt + (kc * QT + 2 * jp) * 256, 64);
+        _tile_loadd(7, pt + (kc * QT + 2 * jp + 1) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        next_max.run(per_call);
+      }
+      _tile_stored(0, o0, 64);
+      _tile_stored(1, o0 + 256, 64);
+      _tile_stored(2, o1, 64);
+      _tile_stored(3, o1 + 256, 64);
+    }
+  if (DT % 2) {
+    float* o0 = o + (DT - 1) * QT * 256;
+    _tile_loadd(0, o0, 64);
+    _tile_loadd(1, o0 + 256, 64);
+    _tile_loadd(2, o0 + 512, 64);
+    _tile_loadd(3, o0 + 768, 64);
+    for (int64_t kc = 0; kc < tiles32; ++kc) {
+      _tile_loadd(4, vblock + (kc * DT + DT - 1) * 512, 64);
+      _tile_loadd(5, pt + (kc * QT) * 256, 64);
+      _tile_loadd(6, pt + (kc * QT + 1) * 256, 64);
+      _tile_loadd(7, pt + (kc * QT + 2) * 256, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, pt + (kc * QT + 3) * 256, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 4, 5);
+      next_max.run(per_call);
+    }
+    _tile_stored(0, o0, 64);
+    _tile_stored(1, o0 + 256, 64);
+    _tile_stored(2, o0 + 512, 64);
+    _tile_stored(3, o0 + 768, 64);
+  }
+  next_max.run(INT64_MAX);
+}
+
+// 64 query rows q0 .. of head h against every key of its KV head (packed), written to out [B, L, H D].
+__attribute__((target("amx-tile,amx-bf16")))
+void flash_task(const uint16_t* q, const uint16_t* kpack, const uint16_t* vpack, const FlashShape& a, int64_t b,
+                int64_t h, int64_t q0, uint16_t* out) {
+  constexpr int64_t QT = kFlashQueryTiles, KB = kFlashKeys;
+  const int64_t rows = std::min(kFlashQueries, a.L - q0), chunks = a.key_chunks, DT = a.value_tiles;
+  thread_local std::vector<uint32_t> qt_keep, pt_keep;
+  thread_local std::vector<float> s_keep, o_keep;
+  qt_keep.assign(QT * chunks * 256, 0u);
+  uint32_t* qt = qt_keep.data();
+  for (int64_t n = 0; n < rows; ++n) {
+    const auto* qrow = reinterpret_cast<const uint32_t*>(q + b * a.q_b + h * a.q_h + (q0 + n) * a.q_l);
+    for (int64_t p = 0; p < a.D / 2; ++p) qt[((n >> 4) * chunks + p / 16) * 256 + (p % 16) * 16 + (n & 15)] = qrow[p];
+  }
+  s_keep.resize(2 * KB * kFlashQueries);
+  pt_keep.resize(KB / 2 * kFlashQueries);
+  o_keep.assign(DT * 16 * kFlashQueries, 0.f);
+  float* s_buf[2] = {s_keep.data(), s_keep.data() + KB * kFlashQueries};
+  uint32_t* pt = pt_keep.data();
+  float* o = o_keep.data();
+  alignas(64) float m[kFlashQueries], l[kFlashQueries], top[kFlashQueries];
+  std::fill(m, m + kFlashQueries, -INFINITY);
+  std::fill(l, l + kFlashQueries, 0.f);
+  std::fill(top, top + kFlashQueries, -INFINITY);
+
+  TileConfig before, config;
+  _tile_storeconfig(&before);
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTileRows;
+  }
+  _tile_loadconfig(&config);
+
+  const __m512 scale_log2 = _mm512_set1_ps(a.scale_log2);
+  // (e0[r], e1[r]) side by side: word 2r from e0, 2r + 1 from e1
+  const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
+                                               0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001A000A, 0x001B000B,
+                                               0x001C000C, 0x001D000D, 0x001E000E, 0x001F000F);
+  const int64_t blocks = (a.T + KB - 1) / KB;
+  auto keys_in = [&](int64_t blk) { return blk < blocks ? std::min(KB, a.T - blk * KB) : 0; };
+  block_scores(kpack, qt, s_buf[0], (keys_in(0) + 31) / 32, chunks, nullptr, 0);
+  BlockMax{s_buf[0], top, keys_in(0)}.run(INT64_MAX);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t keys = keys_in(blk), tiles32 = (keys + 31) / 32;
+    for (int64_t j = 0; j < QT; ++j) {
+      const __m512 block_top = _mm512_mul_ps(_mm512_loadu_ps(top + 16 * j), scale_log2);
+      const __m512 mj = _mm512_loadu_ps(m + 16 * j);
+      const __mmask16 raise = _mm512_cmp_ps_mask(block_top, _mm512_add_ps(mj, _mm512_set1_ps(kLazyMax)), _CMP_GT_OQ);
+      if (raise) {  // sums so far scaled by 2^(old - new); none yet where the old maximum is -inf
+        const __m512 mnew = _mm512_mask_mov_ps(mj, raise, block_top);
+        const __mmask16 seen = _mm512_cmp_ps_mask(mj, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 alpha = _mm512_maskz_mov_ps(seen, exp2_ps(_mm512_maskz_sub_ps(seen, mj, mnew)));
+        _mm512_storeu_ps(l + 16 * j, _mm512_mul_ps(_mm512_loadu_ps(l + 16 * j), alpha));
+        for (int64_t d = 0; d < DT * 16; ++d) {
+          float* od = o + ((d >> 4) * QT + j) * 256 + (d & 15) * 16;
+          _mm512_storeu_ps(od, _mm512_mul_ps(_mm512_loadu_ps(od), alpha));
+        }
+        _mm512_storeu_ps(m + 16 * j, mnew);
+      }
+      _mm512_storeu_ps(top + 16 * j, _mm512_set1_ps(-INFINITY));
+    }
+    const BlockSoftmax softmax{s_buf[blk & 1], pt, m, l, keys, tiles32 * 16, scale_log2, interleave};
+    const int64_t steps = QT * tiles32 * 16;
+    if (blk + 1 < blocks)
+      block_scores(kpack + (blk + 1) * KB * chunks * 32, qt, s_buf[(blk + 1) & 1], (keys_in(blk + 1) + 31) / 32,
+                   chunks, &softmax, steps);
+    else
+      softmax.run(steps);
+    block_values(vpack + blk * KB * DT * 16, pt, o, tiles32, DT, BlockMax{s_buf[(blk + 1) & 1], top, keys_in(blk + 1)});
+  }
+  if (before.palette == 0)
+    _tile_release();
+  else
+    _tile_loadconfig(&before);
+
+  // out[q][h D + d] = O^T[d][q] / l[q], a query row at a time (a gather down each dimension tile)
+  const int64_t HD = a.H * a.D;
+  const __m512i down = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  for (int64_t n = 0; n < rows; ++n) {
+    const __m512 inverse = _mm512_set1_ps(1.f / l[n]);
+    uint16_t* dst = out + (b * a.L + q0 + n) * HD + h * a.D;
+    for (int64_t dt = 0; dt < DT; ++dt) {
+      const __m512 column = _mm512_i32gather_ps(down, o + (dt * QT + (n >> 4)) * 256 + (n & 15), 4);
+      const int64_t width = std::min<int64_t>(16, a.D - 16 * dt);
+      _mm256_mask_storeu_epi16(dst + 16 * dt, static_cast<__mmask16>((1u << width) - 1),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(column, inverse)));
+    }
+  }
+}
+
 }  // namespace
 
 // x [M, K] bf16 (1 <= M <= 4), w [N, K] bf16 contiguous -> [M, N] bf16 (fp32 accumulation).
@@ -741,6 +1024,66 @@ torch::Tensor amx_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tens
   return out;
 }
 
+// q [B, H, L, D], k and v [B, G, T, D] bf16 (any strides, the last dimension contiguous; D even)
+// -> softmax(q k^T * scale) v as [B, L, H * D] bf16, no mask. Heads h of group g = h / (H / G)
+// share its keys and values. Needs AMX (amx_available()).
+torch::Tensor vision_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(amx_ready(), "vision_attention: AMX is not available");
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "vision_attention: bf16 CPU tensors only");
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "vision_attention: 4-d tensors with a contiguous last dimension");
+  }
+  FlashShape a;
+  a.B = q.size(0), a.H = q.size(1), a.L = q.size(2), a.D = q.size(3), a.G = k.size(1), a.T = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == a.B && k.size(3) == a.D, "vision_attention: k and v [B, G, T, D] with q [B, H, L, D]");
+  TORCH_CHECK(a.G > 0 && a.H % a.G == 0 && a.T > 0 && a.L > 0 && a.D > 0 && a.D % 2 == 0,
+              "vision_attention: H a multiple of G, T and L > 0, D even");
+  TORCH_CHECK(q.stride(0) % 2 == 0 && q.stride(1) % 2 == 0 && q.stride(2) % 2 == 0, "vision_attention: even query strides");
+  a.rep = a.H / a.G;
+  a.q_b = q.stride(0), a.q_h = q.stride(1), a.q_l = q.stride(2);
+  a.k_b = k.stride(0), a.k_g = k.stride(1), a.k_t = k.stride(2);
+  a.v_b = v.stride(0), a.v_g = v.stride(1), a.v_t = v.stride(2);
+  a.key_chunks = (a.D + 31) / 32, a.value_tiles = (a.D + 15) / 16;
+  a.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  auto out = torch::empty({a.B, a.L, a.H * a.D}, q.options());
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t padded = (a.T + kFlashKeys - 1) / kFlashKeys * kFlashKeys, chunks = a.key_chunks, DT = a.value_tiles;
+  std::vector<uint16_t> kpack(padded * chunks * 32), vpack(padded * DT * 16);
+  const int64_t query_blocks = (a.L + kFlashQueries - 1) / kFlashQueries;
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t g = 0; g < a.G; ++g) {
+      const uint16_t* kg = kp + b * a.k_b + g * a.k_g;
+      const uint16_t* vg = vp + b * a.v_b + g * a.v_g;
+      at::parallel_for(0, padded / 32, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t kc = c0; kc < c1; ++kc) {
+          for (int64_t t = 32 * kc; t < 32 * kc + 32; ++t)
+            for (int64_t c = 0; c < chunks; ++c) {
+              const int64_t width = t < a.T ? std::min<int64_t>(32, a.D - 32 * c) : 0;
+              const __mmask32 mask = width >= 32 ? ~0u : (1u << width) - 1;
+              _mm512_storeu_si512(kpack.data() + ((t >> 4) * chunks + c) * 512 + (t & 15) * 32,
+                                  _mm512_maskz_loadu_epi16(mask, mask ? kg + t * a.k_t + 32 * c : kg));
+            }
+          for (int64_t dt = 0; dt < DT; ++dt) {
+            uint16_t* tile = vpack.data() + (kc * DT + dt) * 512;
+            for (int64_t d = 0; d < 16; ++d)
+              for (int64_t t = 0; t < 32; ++t) {
+                const int64_t key = 32 * kc + t, dim = 16 * dt + d;
+                tile[d * 32 + t] = key < a.T && dim < a.D ? vg[key * a.v_t + dim] : 0;
+              }
+          }
+        }
+      });
+      at::parallel_for(0, a.rep * query_blocks, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          flash_task(qp, kpack.data(), vpack.data(), a, b, g * a.rep + i / query_blocks, i % query_blocks * kFlashQueries, op);
+      });
+    }
+  return out;
+}
+
 // The decode attention: with AMX tiles where the CPU has them, else in fp32 FMA with the query
 // rows in the lanes (there each key and value row must be contiguous, as in the KV cache).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
@@ -761,6 +1104,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_into_cache", &glm4v_kernels::rope_into_cache, "a decode step's q rotated; its rotated keys and values written into the cache");
   m.def("amx_available", &amx_ready, "whether this process may use the AMX tiles (decode_attention takes them where it may)");
   m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v of a decode step's few tokens against the KV cache, grouped heads (AMX where the CPU has it, else fp32 FMA)");
+  m.def("vision_attention", &vision_attention, "softmax(q k^T * scale) v over all of an image's tokens, no mask, as [B, L, H * D] bf16 (AMX flash attention)");
   m.def("decode_attention_fma", &fma_decode_attention, "decode_attention as a CPU without AMX runs it (fp32 FMA, the query rows in the lanes)");
   m.def("bf16_gemv", &bf16_gemv, "bf16 x bf16 matrix-vector product for 1-4 rows (decode)");
   m.def("int8_gemv", &int8_gemv, "x [M<=4, K] @ (int8 w [N, K] * scale [N])^T (AVX512-VNNI)");

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm4v.config import GLM4VConfig, VisionConfig
-from glm4v.kernels import upcast_attention, upcast_conv2d
+from glm4v.kernels import upcast_attention, upcast_conv2d, vision_attention
 from glm4v.model.language import Linear
 
 
@@ -43,8 +43,10 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         qkv = self.query_key_value(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = upcast_attention(qkv[0], qkv[1], qkv[2])
-        return self.dense(out.transpose(1, 2).reshape(B, L, D))
+        out = vision_attention(qkv[0], qkv[1], qkv[2])
+        if out is None:
+            out = upcast_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, L, D)
+        return self.dense(out)
 
 
 class VisionMLP(nn.Module):
