@@ -761,6 +761,48 @@ void block_values(const uint16_t* vblock, const uint32_t* pt, float* o, int64_t 
   next_max.run(INT64_MAX);
 }
 
+// Keys kc * 32 .. + 31 of KV head (b, g) into their A tiles: keys as they are, values transposed
+// (V^T), both zero past T and D. A whole values tile takes its dimension pairs by gathers.
+void pack_keys_values(const void* k_data, const void* v_data, const FlashShape& a, int64_t b, int64_t g, int64_t kc,
+                      uint16_t* kpack, uint16_t* vpack) {
+  const int64_t chunks = a.key_chunks, DT = a.value_tiles;
+  const auto* kg = static_cast<const uint16_t*>(k_data) + b * a.k_b + g * a.k_g;
+  const auto* vg = static_cast<const uint16_t*>(v_data) + b * a.v_b + g * a.v_g;
+  for (int64_t t = 32 * kc; t < 32 * kc + 32; ++t)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t width = t < a.T ? std::min<int64_t>(32, a.D - 32 * c) : 0;
+      const __mmask32 mask = width >= 32 ? ~0u : (1u << width) - 1;
+      _mm512_storeu_si512(kpack + ((t >> 4) * chunks + c) * 512 + (t & 15) * 32,
+                          _mm512_maskz_loadu_epi16(mask, mask ? kg + t * a.k_t + 32 * c : kg));
+    }
+  // word i of row d: word 2i of the first 16 keys' (d, d + 1) pairs, then of the next 16's; row d + 1 the odd words
+  alignas(64) static const uint16_t even_words[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                      22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                      44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  const __m512i even = _mm512_load_si512(even_words), odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+  const __m512i key_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(static_cast<int>(a.v_t)));
+  const bool whole_keys = 32 * kc + 32 <= a.T && 16 * a.v_t < (int64_t{1} << 30);
+  for (int64_t dt = 0; dt < DT; ++dt) {
+    uint16_t* tile = vpack + (kc * DT + dt) * 512;
+    if (whole_keys && 16 * dt + 16 <= a.D) {
+      for (int64_t d = 0; d < 16; d += 2) {
+        const uint16_t* column = vg + 32 * kc * a.v_t + 16 * dt + d;
+        const __m512i first = _mm512_i32gather_epi32(key_offsets, column, 2);
+        const __m512i second = _mm512_i32gather_epi32(key_offsets, column + 16 * a.v_t, 2);
+        _mm512_storeu_si512(tile + d * 32, _mm512_permutex2var_epi16(first, even, second));
+        _mm512_storeu_si512(tile + (d + 1) * 32, _mm512_permutex2var_epi16(first, odd, second));
+      }
+      continue;
+    }
+    for (int64_t d = 0; d < 16; ++d)
+      for (int64_t t = 0; t < 32; ++t) {
+        const int64_t key = 32 * kc + t, dim = 16 * dt + d;
+        tile[d * 32 + t] = key < a.T && dim < a.D ? vg[key * a.v_t + dim] : 0;
+      }
+  }
+}
+
 // 64 query rows q0 .. of head h against every key of its KV head (packed), written to out [B, L, H D].
 __attribute__((target("amx-tile,amx-bf16")))
 void flash_task(const uint16_t* q, const uint16_t* kpack, const uint16_t* vpack, const FlashShape& a, int64_t b,
@@ -1047,36 +1089,19 @@ torch::Tensor vision_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   a.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   auto out = torch::empty({a.B, a.L, a.H * a.D}, q.options());
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t padded = (a.T + kFlashKeys - 1) / kFlashKeys * kFlashKeys, chunks = a.key_chunks, DT = a.value_tiles;
-  std::vector<uint16_t> kpack(padded * chunks * 32), vpack(padded * DT * 16);
-  const int64_t query_blocks = (a.L + kFlashQueries - 1) / kFlashQueries;
+  const int64_t padded = (a.T + kFlashKeys - 1) / kFlashKeys * kFlashKeys, key_tiles32 = padded / 32;
+  const int64_t key_elements = padded * a.key_chunks * 32, value_elements = padded * a.value_tiles * 16;
+  const int64_t query_blocks = (a.L + kFlashQueries - 1) / kFlashQueries, tasks_per_kv = a.rep * query_blocks;
+  // one KV head at a time, packed, then its (query head, 64 queries) tasks: packing every head
+  // first (51 MB for the vision tower) was 7 % slower, the packed keys and values out of L2
+  std::vector<uint16_t> kpack(key_elements), vpack(value_elements);
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t g = 0; g < a.G; ++g) {
-      const uint16_t* kg = kp + b * a.k_b + g * a.k_g;
-      const uint16_t* vg = vp + b * a.v_b + g * a.v_g;
-      at::parallel_for(0, padded / 32, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t kc = c0; kc < c1; ++kc) {
-          for (int64_t t = 32 * kc; t < 32 * kc + 32; ++t)
-            for (int64_t c = 0; c < chunks; ++c) {
-              const int64_t width = t < a.T ? std::min<int64_t>(32, a.D - 32 * c) : 0;
-              const __mmask32 mask = width >= 32 ? ~0u : (1u << width) - 1;
-              _mm512_storeu_si512(kpack.data() + ((t >> 4) * chunks + c) * 512 + (t & 15) * 32,
-                                  _mm512_maskz_loadu_epi16(mask, mask ? kg + t * a.k_t + 32 * c : kg));
-            }
-          for (int64_t dt = 0; dt < DT; ++dt) {
-            uint16_t* tile = vpack.data() + (kc * DT + dt) * 512;
-            for (int64_t d = 0; d < 16; ++d)
-              for (int64_t t = 0; t < 32; ++t) {
-                const int64_t key = 32 * kc + t, dim = 16 * dt + d;
-                tile[d * 32 + t] = key < a.T && dim < a.D ? vg[key * a.v_t + dim] : 0;
-              }
-          }
-        }
+      at::parallel_for(0, key_tiles32, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t kc = i0; kc < i1; ++kc) pack_keys_values(k.data_ptr(), v.data_ptr(), a, b, g, kc, kpack.data(), vpack.data());
       });
-      at::parallel_for(0, a.rep * query_blocks, 1, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, tasks_per_kv, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i)
           flash_task(qp, kpack.data(), vpack.data(), a, b, g * a.rep + i / query_blocks, i % query_blocks * kFlashQueries, op);
       });
