@@ -563,9 +563,10 @@ def _vision_qkv(batch, heads, groups, tokens, dim, gen, scale=1.0):
 @pytest.mark.parametrize(
     "batch,heads,groups,tokens,keys,dim",
     # the vision tower's heads (112 wide: 3.5 chunks of 32) over one and several 512-key blocks,
-    # queries off the 64-row tasks, keys off the 16/32/512 blocks, grouped heads, narrow heads
+    # queries off the 64-row tasks, keys off the 16/32/512 blocks, grouped heads, narrow heads, a
+    # head width off the 16/32 tiles
     [(1, 4, 4, 700, 700, 112), (1, 2, 2, 1, 1, 112), (2, 4, 2, 70, 300, 112), (1, 3, 3, 129, 1300, 64),
-     (1, 2, 1, 64, 1025, 128), (1, 2, 2, 33, 600, 16), (1, 2, 2, 5, 7, 32)],
+     (1, 2, 1, 64, 1025, 128), (1, 2, 2, 33, 600, 16), (1, 2, 2, 5, 7, 32), (1, 2, 2, 20, 100, 34)],
 )
 def test_vision_attention_is_as_exact_as_sdpa(batch, heads, groups, tokens, keys, dim):
     from glm4v.kernels import vision_attention

@@ -115,6 +115,22 @@ def test_every_step_size_matches_the_dequantised_matmul(dtype, fmt, shape, nativ
         assert err < tol, f"{fmt} {dtype} M={tokens}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_expanded_product_with_bias_is_the_same_under_autograd(fmt):
+    """The bias (and int8's scale) join the prefill-sized product in place outside autograd and
+    out of place under it: the same numbers either way, and a gradient reaches the input."""
+    torch.manual_seed(4)
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 192, bias=True).to(torch.bfloat16), fmt, 64)
+    x = torch.randn(200, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer(x)
+    trained = x.clone().requires_grad_()
+    got = layer(trained)
+    assert torch.equal(got.detach(), want)
+    got.float().sum().backward()
+    assert trained.grad is not None and torch.isfinite(trained.grad).all() and trained.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("own_kernel", [True, False])
 @pytest.mark.parametrize("kernel_ok", [True, False])
 def test_kernel_is_picked_by_tokens_per_step(monkeypatch, kernel_ok, own_kernel):
