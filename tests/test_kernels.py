@@ -604,6 +604,20 @@ def test_vision_attention_survives_peaked_and_rising_scores():
 
 
 @needs_amx
+def test_vision_attention_leaves_torchs_amx_products_working():
+    """Each task loads its own tile configuration and puts back the one it found: torch's bf16
+    matmul (AMX through oneDNN) gives the same result before and after."""
+    from glm4v.kernels import vision_attention
+
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(64, 256, generator=gen).to(torch.bfloat16)
+    b = torch.randn(256, 64, generator=gen).to(torch.bfloat16)
+    before = a @ b
+    vision_attention(*_vision_qkv(1, 2, 2, 100, 112, gen))
+    assert torch.equal(a @ b, before)
+
+
+@needs_amx
 def test_vision_tower_attention_takes_the_kernel_and_matches_sdpa(monkeypatch):
     """VisionAttention runs the kernel on bf16 CPU inference and gives SDPA's result within its error."""
     from glm4v.config import VisionConfig
