@@ -648,6 +648,7 @@ def test_vision_attention_declines_what_it_does_not_cover():
     assert vision_attention(q.float(), k.float(), v.float()) is None
     assert vision_attention(q[..., :31], k[..., :31], v[..., :31]) is None  # odd head width
     assert vision_attention(q.transpose(-1, -2), k, v) is None
+    assert vision_attention(q[:, :, :0], k, v) is None and vision_attention(q, k[:, :, :0], v[:, :, :0]) is None
     trained = q.detach().clone().requires_grad_()
     assert vision_attention(trained, k, v) is None  # autograd keeps SDPA's backward
 

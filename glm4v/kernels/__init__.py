@@ -406,6 +406,8 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         return None
     if q.shape[-1] % 2 or any(s % 2 for s in q.stride()[:3]) or not _outside_autograd(*tensors):
         return None
+    if 0 in q.shape or 0 in k.shape:  # nothing to attend (SDPA says what it makes of that)
+        return None
     module = cpu_kernels()
     op = getattr(module, "vision_attention", None)
     if op is None or not module.amx_available():
