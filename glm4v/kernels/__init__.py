@@ -9,7 +9,9 @@ Sapphire Rapids and later, ``GLM4V_NO_AMX=1`` declines them; otherwise, and in t
 fp32 FMA with the query rows in the lanes, ``cpu_lane_attention.h``): SDPA reads a cache that the
 step's weights pushed out of the CPU caches at a fraction of the bandwidth. A decode step's whole
 decoder layer runs as one call of these kernels (``decode_block``). ``cpu_common.h`` holds the
-rest of what both builds share.
+rest of what both builds share. The AVX-512 build, where the CPU has AMX, also runs the vision
+tower's attention (``vision_attention``: flash attention whose softmax overlaps the tile products;
+SDPA elsewhere).
 
 glm4v runs without them: when the CPU has neither, no compiler or ninja is found, the build fails,
 or ``GLM4V_NO_KERNELS=1`` is set, ``cpu_kernels()`` returns None and callers use torch's own
