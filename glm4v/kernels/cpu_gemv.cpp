@@ -709,7 +709,7 @@ void block_values(const uint16_t* vblock, const uint32_t* pt, float* o, int64_t 
                   const BlockMax& next_max) {
   constexpr int64_t QT = kFlashQueryTiles;
   const int64_t DT = value_tiles;
-  const int64_t calls = (DT / 2 * (QT / 2) + DT % 2) * tiles32;
+  const int64_t calls = (DT / 2 * (QT / 2) + DT % 2 * (QT / 4)) * tiles32;
   const int64_t per_call = (QT * (kFlashKeys / 4 + 3) + calls - 1) / calls;
   for (int64_t dp = 0; dp + 1 < DT; dp += 2)
     for (int64_t jp = 0; jp < QT / 2; ++jp) {
@@ -735,20 +735,20 @@ void block_values(const uint16_t* vblock, const uint32_t* pt, float* o, int64_t 
       _tile_stored(2, o1, 64);
       _tile_stored(3, o1 + 256, 64);
     }
-  if (DT % 2) {
-    float* o0 = o + (DT - 1) * QT * 256;
+  for (int64_t jq = 0; DT % 2 && jq < QT; jq += 4) {
+    float* o0 = o + ((DT - 1) * QT + jq) * 256;
     _tile_loadd(0, o0, 64);
     _tile_loadd(1, o0 + 256, 64);
     _tile_loadd(2, o0 + 512, 64);
     _tile_loadd(3, o0 + 768, 64);
     for (int64_t kc = 0; kc < tiles32; ++kc) {
       _tile_loadd(4, vblock + (kc * DT + DT - 1) * 512, 64);
-      _tile_loadd(5, pt + (kc * QT) * 256, 64);
-      _tile_loadd(6, pt + (kc * QT + 1) * 256, 64);
-      _tile_loadd(7, pt + (kc * QT + 2) * 256, 64);
+      _tile_loadd(5, pt + (kc * QT + jq) * 256, 64);
+      _tile_loadd(6, pt + (kc * QT + jq + 1) * 256, 64);
+      _tile_loadd(7, pt + (kc * QT + jq + 2) * 256, 64);
       _tile_dpbf16ps(0, 4, 5);
       _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(5, pt + (kc * QT + 3) * 256, 64);
+      _tile_loadd(5, pt + (kc * QT + jq + 3) * 256, 64);
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(3, 4, 5);
       next_max.run(per_call);
