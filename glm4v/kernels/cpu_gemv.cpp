@@ -386,6 +386,39 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Tiles 0 .. tiles - 1 configured as 16 rows x 64 bytes for the scope's life. Whatever
+// configuration torch's own AMX kernels left on this thread is put back at the end, so that a
+// caller which cached it does not run its next product unconfigured.
+struct TileScope {
+  TileConfig before;
+  __attribute__((target("amx-tile"))) explicit TileScope(int tiles) {
+    _tile_storeconfig(&before);
+    TileConfig config;
+    for (int t = 0; t < tiles; ++t) {
+      config.colsb[t] = 64;
+      config.rows[t] = kTileRows;
+    }
+    _tile_loadconfig(&config);
+  }
+  __attribute__((target("amx-tile"))) ~TileScope() {
+    if (before.palette == 0)
+      _tile_release();
+    else
+      _tile_loadconfig(&before);
+  }
+};
+
+// VNNI pairs of two fp32 rows rounded to bf16: word 2r from e0[r], 2r + 1 from e1[r]. The
+// permutation is taken once per loop (pair_order()), not rebuilt per pair.
+inline __m512i pair_order() {
+  return _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005, 0x00160006,
+                           0x00170007, 0x00180008, 0x00190009, 0x001A000A, 0x001B000B, 0x001C000C, 0x001D000D,
+                           0x001E000E, 0x001F000F);
+}
+inline __m512i bf16_pairs(__m512i order, __m512 e0, __m512 e1) {
+  return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+}
+
 // Linux hands out the AMX tile state only on request (once per process).
 // GLM4V_NO_AMX=1 declines it, as on a CPU without AMX (how the tests reach the Zen 4 path here).
 bool amx_ready() {
@@ -411,15 +444,7 @@ __attribute__((target("amx-tile,amx-bf16")))
 void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, const AttentionShape& a, int64_t b,
                     int64_t g, int64_t row0, int rows, int64_t t_begin, int64_t t_end, AttentionPart& part) {
   const int64_t T = t_end - t_begin, D = a.D, dword_cols = D / 2, T32 = (T + 31) / 32 * 32;
-  // Whatever tile configuration torch's own AMX kernels left on this thread is put back at the
-  // end, so that a caller which cached it does not run its next product unconfigured.
-  TileConfig before, config;
-  _tile_storeconfig(&before);
-  for (int t = 0; t < 6; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = kTileRows;
-  }
-  _tile_loadconfig(&config);
+  const TileScope tiles(6);
 
   thread_local std::vector<uint32_t> qpair_keep, pmat_keep, vpair_keep;
   thread_local std::vector<float> s_keep;
@@ -471,17 +496,14 @@ void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, con
   __m512 total = _mm512_setzero_ps();
   pmat_keep.assign(kTileRows * T32 / 2, 0u);
   uint32_t* pmat = pmat_keep.data();
-  // (e[t][r], e[t + 1][r]) side by side: word 2r from e0, 2r + 1 from e1
-  const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
-                                               0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001A000A, 0x001B000B,
-                                               0x001C000C, 0x001D000D, 0x001E000E, 0x001F000F);
   alignas(64) uint32_t pairs[kTileRows];
+  const __m512i order = pair_order();
   for (int64_t t = 0; t < T; t += 2) {
     const __m512 e0 = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + t * kTileRows), scale, top));
     const __m512 e1 = t + 1 < T ? exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + (t + 1) * kTileRows), scale, top))
                                 : _mm512_setzero_ps();
     total = _mm512_add_ps(total, _mm512_add_ps(e0, e1));
-    _mm512_store_si512(pairs, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
+    _mm512_store_si512(pairs, bf16_pairs(order, e0, e1));  // (e[t][r], e[t + 1][r]) side by side
     for (int r = 0; r < kTileRows; ++r) pmat[r * (T32 / 2) + t / 2] = pairs[r];
   }
   _mm512_storeu_ps(part.top, top);
@@ -535,10 +557,6 @@ void attention_part(const uint16_t* q, const uint16_t* k, const uint16_t* v, con
     if (width > 2) _tile_stored(2, o + (c0 + 2) * kTileRows * 16, 64);
     if (width > 3) _tile_stored(3, o + (c0 + 3) * kTileRows * 16, 64);
   }
-  if (before.palette == 0)
-    _tile_release();
-  else
-    _tile_loadconfig(&before);
 }
 
 // The parts of one (batch row, group, 16 query rows) over consecutive key ranges -> the output
@@ -632,7 +650,7 @@ struct BlockSoftmax {
   float* l;        // running sums
   int64_t keys, pairs;  // valid keys; key pairs written (a multiple of 16: the zero tail of the last tile)
   __m512 scale_log2;
-  __m512i interleave;
+  __m512i order = pair_order();
   mutable int64_t j = 0, t = 0;
   inline void run(int64_t steps) const {
     for (; steps > 0 && j < kFlashQueryTiles; --steps) {
@@ -641,7 +659,7 @@ struct BlockSoftmax {
       const __m512 e0 = _mm512_maskz_mov_ps(v0, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(score_row(s, j, t)), scale_log2, mj)));
       const __m512 e1 = _mm512_maskz_mov_ps(v1, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(score_row(s, j, t + 1)), scale_log2, mj)));
       _mm512_storeu_ps(l + 16 * j, _mm512_add_ps(_mm512_loadu_ps(l + 16 * j), _mm512_add_ps(e0, e1)));
-      _mm512_storeu_si512(p_row(pt, j, t), _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
+      _mm512_storeu_si512(p_row(pt, j, t), bf16_pairs(order, e0, e1));
       t += 2;
       if (t == 2 * pairs) t = 0, ++j;
     }
@@ -828,19 +846,9 @@ void flash_task(const uint16_t* q, const uint16_t* kpack, const uint16_t* vpack,
   std::fill(l, l + kFlashQueries, 0.f);
   std::fill(top, top + kFlashQueries, -INFINITY);
 
-  TileConfig before, config;
-  _tile_storeconfig(&before);
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = kTileRows;
-  }
-  _tile_loadconfig(&config);
+  const TileScope tiles(8);
 
   const __m512 scale_log2 = _mm512_set1_ps(a.scale_log2);
-  // (e0[r], e1[r]) side by side: word 2r from e0, 2r + 1 from e1
-  const __m512i interleave = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
-                                               0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001A000A, 0x001B000B,
-                                               0x001C000C, 0x001D000D, 0x001E000E, 0x001F000F);
   const int64_t blocks = (a.T + KB - 1) / KB;
   auto keys_in = [&](int64_t blk) { return blk < blocks ? std::min(KB, a.T - blk * KB) : 0; };
   block_scores(kpack, qt, s_buf[0], (keys_in(0) + 31) / 32, chunks, nullptr, 0);
@@ -864,7 +872,7 @@ void flash_task(const uint16_t* q, const uint16_t* kpack, const uint16_t* vpack,
       }
       _mm512_storeu_ps(top + 16 * j, _mm512_set1_ps(-INFINITY));
     }
-    const BlockSoftmax softmax{s_buf[blk & 1], pt, m, l, keys, tiles32 * 16, scale_log2, interleave};
+    const BlockSoftmax softmax{s_buf[blk & 1], pt, m, l, keys, tiles32 * 16, scale_log2};
     const int64_t steps = QT * tiles32 * 16;
     if (blk + 1 < blocks)
       block_scores(kpack + (blk + 1) * KB * chunks * 32, qt, s_buf[(blk + 1) & 1], (keys_in(blk + 1) + 31) / 32,
@@ -873,10 +881,6 @@ void flash_task(const uint16_t* q, const uint16_t* kpack, const uint16_t* vpack,
       softmax.run(steps);
     block_values(vpack + blk * KB * DT * 16, pt, o, tiles32, DT, BlockMax{s_buf[(blk + 1) & 1], top, keys_in(blk + 1)});
   }
-  if (before.palette == 0)
-    _tile_release();
-  else
-    _tile_loadconfig(&before);
 
   // out[q][h D + d] = O^T[d][q] / l[q], a query row at a time (a gather down each dimension tile)
   const int64_t HD = a.H * a.D;
